@@ -1,0 +1,232 @@
+"""The `saliencylab` command: parses flags, delegates to the studies, turns UserError into one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from saliencylab.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="What did the image classifier look at, and can we trust that?")
+F = TypeVar("F", bound=Callable[..., Any])
+
+MODEL_HELP = ("efficientnet_lite0 (offline default), vgg16, torchvision:<name>, timm:<name>, "
+              "or a saliencylab checkpoint file")
+WEIGHTS_HELP = "a weights file (state dict) for the model; 'random' for an untrained one"
+
+
+def friendly(fn: F) -> F:
+    """Print a UserError as one line on stderr and exit 2; never show the user a traceback for bad input."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; nothing partial was written", err=True)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as err:
+            if os.environ.get("SALIENCYLAB_DEBUG"):
+                raise
+            typer.echo(f"internal error: {type(err).__name__}: {err} "
+                       "(set SALIENCYLAB_DEBUG=1 for the traceback, and please report it)", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _coerce(value: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise UserError(f"'{value}' is not a boolean; use true or false")
+        return value.lower() in ("true", "1", "yes")
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(value)
+            except ValueError:
+                raise UserError(f"'{value}' is not a number") from None
+    if default is None or isinstance(default, (str, tuple)):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
+def parse_method_options(pairs: list[str], methods: list[Any], batch_size: int | None) -> dict[str, dict[str, Any]]:
+    """['smoothgrad.n_samples=32', ...] -> {'smoothgrad': {'n_samples': 32}}, checked against the signatures."""
+    opts: dict[str, dict[str, Any]] = {m.name: {} for m in methods}
+    by_name = {m.name: m for m in methods}
+    for spec in methods:
+        if batch_size is not None and "batch_size" in spec.options():
+            opts[spec.name]["batch_size"] = batch_size
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        method, dot, option = key.partition(".")
+        if not sep or not dot:
+            raise UserError(f"--set '{pair}': write METHOD.OPTION=VALUE, e.g. --set smoothgrad.n_samples=32")
+        if method not in by_name:
+            raise UserError(f"--set '{pair}': method '{method}' is not among --methods ({', '.join(by_name)})")
+        known = by_name[method].options()
+        if option not in known:
+            raise UserError(f"--set '{pair}': {method} has no option '{option}'; it has {', '.join(known) or 'none'}")
+        opts[method][option] = _coerce(value, known[option])
+    return opts
+
+
+@app.command(epilog="Examples:  saliencylab classify  ·  saliencylab classify photos/ --top-k 3 --json top.json  ·  "
+                    "saliencylab classify sample:coffee scan.dcm --model vgg16 --weights vgg16.pth")
+@friendly
+def classify(
+    inputs: list[str] = typer.Argument(None, help="image files, folders, globs or sample:<name> "
+                                                  "(default: the four bundled photos)", show_default=False),
+    model: str = typer.Option("efficientnet_lite0", "--model", "-m", help=MODEL_HELP),
+    weights: str = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="classes to list per image"),
+    json_path: Path = typer.Option(None, "--json", help="also write the predictions to this JSON file"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per forward pass"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
+) -> None:
+    """Classify images and print the top-k classes with probabilities (the article's Table 1)."""
+    from saliencylab.data import expand_inputs
+    from saliencylab.fsutil import write_json
+    from saliencylab.models import load_model
+    from saliencylab.studies.photos import classify as run
+
+    sources = expand_inputs(inputs or [])
+    clf = load_model(model, weights=weights, device=device)
+    skipped: list[tuple[str, str]] = []
+    rows = []
+    for row in run(clf, sources, k=top_k, batch_size=batch_size, skip_bad=skip_bad, skipped=skipped):
+        rows.append(row)
+        typer.echo(_table(row))
+    for source, reason in skipped:
+        typer.echo(f"skipped {source}: {reason}", err=True)
+    if json_path is not None:
+        write_json(json_path, {"model": clf.describe(), "images": rows,
+                               "skipped": [{"source": s, "reason": r} for s, r in skipped]})
+        typer.echo(f"wrote {json_path}")
+
+
+def _table(row: dict[str, Any]) -> str:
+    width = max(len(t["class"]) for t in row["top"])
+    lines = [f"{row['source']}  ({row['size'][1]}x{row['size'][0]})",
+             f"  {'rank':>4}  {'class':<{width}}  {'probability':>11}"]
+    lines += [f"  {t['rank']:>4}  {t['class']:<{width}}  {100 * t['probability']:>10.2f}%" for t in row["top"]]
+    return "\n".join(lines) + "\n"
+
+
+@app.command(epilog="Examples:  saliencylab explain  ·  saliencylab explain sample:chelsea --methods vanilla,gradcam "
+                    "--out runs/cat  ·  saliencylab explain xrays/ --target 'tabby' --set smoothgrad.n_samples=32  ·  "
+                    "saliencylab explain scan.png --methods all --sign signed --normalise absmax")
+@friendly
+def explain(
+    inputs: list[str] = typer.Argument(None, help="image files, folders, globs or sample:<name> "
+                                                  "(default: the four bundled photos)", show_default=False),
+    model: str = typer.Option("efficientnet_lite0", "--model", "-m", help=MODEL_HELP),
+    weights: str = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    methods: str = typer.Option("vanilla,smoothgrad,integrated_gradients,gradcam", "--methods",
+                                help="comma-separated method names, or 'all' (see `saliencylab methods`)"),
+    target: str = typer.Option("predicted", "--target", "-t",
+                               help="predicted, a class index, a class name, or positive/negative for a binary model"),
+    out: Path = typer.Option(Path("runs/explain"), "--out", "-o", help="output folder"),
+    set_options: list[str] = typer.Option(None, "--set", help="a method option, METHOD.OPTION=VALUE (repeatable)"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="images per batch"),
+    method_batch_size: int = typer.Option(None, "--method-batch-size", min=1,
+                                          help="most perturbed samples per forward pass in sampling methods"),
+    normalise: str = typer.Option("auto", "--normalise",
+                                  help="auto (each method's own), absmax, minmax or percentile (display only)"),
+    smooth: float = typer.Option(0.01, "--smooth", min=0.0,
+                                 help="Gaussian sigma as a fraction of the longer image side (0: off; display only)"),
+    sign: str = typer.Option("abs", "--sign", help="abs, positive or signed (display only)"),
+    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="overlay opacity"),
+    cmap: str = typer.Option(None, "--cmap", help="matplotlib colormap (default jet; bwr for signed)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
+) -> None:
+    """Draw saliency maps over images: overlays (PNG), raw maps (.npy), a figure grid and results.json."""
+    from saliencylab.data import expand_inputs
+    from saliencylab.methods import parse_methods
+    from saliencylab.models import load_model
+    from saliencylab.render.maps import NORMALISE_MODES
+    from saliencylab.studies.photos import DisplaySettings
+    from saliencylab.studies.photos import explain as run
+
+    if normalise not in ("auto", *NORMALISE_MODES):
+        raise UserError(f"--normalise {normalise}: use auto or one of {', '.join(NORMALISE_MODES)}")
+    if sign not in ("abs", "positive", "signed"):
+        raise UserError(f"--sign {sign}: use abs, positive or signed")
+    if cmap is not None:
+        import matplotlib
+
+        if cmap not in matplotlib.colormaps:
+            raise UserError(f"--cmap {cmap}: not a matplotlib colormap (try jet, inferno, viridis, bwr)")
+    specs = parse_methods(methods)
+    options = parse_method_options(set_options or [], specs, method_batch_size)
+    sources = expand_inputs(inputs or [])
+    clf = load_model(model, weights=weights, device=device)
+    display = DisplaySettings(sign=sign, smooth=smooth, normalise=normalise, alpha=alpha, cmap=cmap)
+    result = run(clf, sources, specs, out, options=options, target=target, batch_size=batch_size,
+                 display=display, skip_bad=skip_bad, progress=progress,
+                 command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]))
+    for source, reason in result.skipped:
+        typer.echo(f"skipped {source}: {reason}", err=True)
+    for rec in result.images:
+        t = rec["target"]
+        typer.echo(f"{rec['source']}: {t['class']} ({100 * t['probability']:.1f}%) -> {out / rec['name']}/")
+    per = ", ".join(f"{k} {v / max(1, len(result.images)):.2f}s" for k, v in result.seconds.items())
+    typer.echo(f"seconds per image: {per}")
+    typer.echo(f"wrote {out / 'figure.png'} and {out / 'results.json'}")
+
+
+@app.command("methods")
+@friendly
+def list_methods(as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
+    """List the saliency methods with their options and papers."""
+    from saliencylab.methods import METHODS
+
+    if as_json:
+        typer.echo(json.dumps({n: {"family": s.family, "paper": s.paper, "options": {
+            k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in s.options().items()}}
+            for n, s in METHODS.items()}, indent=2))
+        return
+    for name, spec in METHODS.items():
+        opts = ", ".join(f"{k}={v!r}" for k, v in spec.options().items()) or "-"
+        typer.echo(f"{name:<22} {spec.family:<13} {spec.paper}\n{'':<22} options: {opts}")
+
+
+@app.command("models")
+@friendly
+def list_models() -> None:
+    """List the registered model names."""
+    from saliencylab.models import available_models
+
+    for name in available_models():
+        typer.echo(name)
+    typer.echo("torchvision:<name>, timm:<name>, or a checkpoint file written by saliencylab")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

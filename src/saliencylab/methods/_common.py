@@ -1,0 +1,104 @@
+"""Plumbing shared by the methods: scoring a target, gradients w.r.t. the input, mode restoring, hooks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def target_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The scalar each method explains, per sample: logits[B, K], target[B] -> [B].
+
+    For a single-logit binary head (K = 1), target 1 is the logit itself and target 0 its negation
+    (the logit of the negative class under a sigmoid).
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"the model must return logits [B, K]; got shape {tuple(logits.shape)}")
+    if logits.shape[1] == 1:
+        sign = torch.where(target.to(logits.device) == 1, 1.0, -1.0).to(logits.dtype)
+        return logits[:, 0] * sign
+    return logits.gather(1, target.to(logits.device).view(-1, 1))[:, 0]
+
+
+def target_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax (or sigmoid, for one logit) probability of the target class: [B, K], [B] -> [B]."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(target_score(logits, target))
+    return logits.softmax(dim=1).gather(1, target.to(logits.device).view(-1, 1))[:, 0]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put the model in eval mode for the block; restore each submodule's own mode afterwards, also on error."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """d target_score / d x for x[N, C, *spatial], on a detached copy: the caller's x and params stay untouched."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        score = target_score(model(x), target).sum()
+        (grad,) = torch.autograd.grad(score, x)
+    return grad
+
+
+def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) pairs covering range(total) in steps of `size`."""
+    size = max(1, int(size))
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+def per_pass(batch_size: int | None, images: int) -> int:
+    """How many perturbed copies of the whole batch fit in one forward pass of at most `batch_size` samples.
+
+    None means one copy of the batch per pass: on a CPU, small passes were the fastest measured.
+    """
+    if batch_size is None:
+        return 1
+    return max(1, int(batch_size) // max(1, images))
+
+
+def spatial_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """The spatial axes of x[B, C, *spatial]."""
+    return tuple(range(2, x.ndim))
+
+
+def layer_by_name(model: nn.Module, name: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        import difflib
+
+        from saliencylab.errors import UserError
+
+        close = difflib.get_close_matches(name, list(modules), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"the model has no layer '{name}'.{hint}")
+    return modules[name]
+
+
+@contextlib.contextmanager
+def capture_output(layer: nn.Module) -> Iterator[dict[str, Any]]:
+    """Record the layer's forward output in the yielded dict under 'out'; the hook is removed on exit."""
+    store: dict[str, Any] = {}
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        if "out" in store:
+            raise RuntimeError("the CAM layer runs more than once per forward pass; pick another layer")
+        store["out"] = out
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()

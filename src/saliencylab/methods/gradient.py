@@ -1,0 +1,167 @@
+"""Gradient methods: vanilla gradient, gradient x input, SmoothGrad, Integrated Gradients.
+
+All work on x[B, C, *spatial] in pixel units and return [B, *spatial]; the channel axis is reduced as each
+method's paper does.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from saliencylab.methods._common import (
+    chunks,
+    eval_mode,
+    input_gradient,
+    per_pass,
+    target_score,
+)
+from saliencylab.methods.registry import register_method
+from saliencylab.ops import gaussian_blur
+
+Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
+
+
+@register_method("vanilla", family="gradient",
+                 paper="Simonyan, Vedaldi & Zisserman 2013, https://arxiv.org/abs/1312.6034")
+def vanilla(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Saliency as the largest absolute input gradient over colour channels (Simonyan et al., eq. 2-3).
+
+    Returns:
+        [B, *spatial], >= 0.
+    """
+    with eval_mode(model):
+        return input_gradient(model, x, target).abs().amax(dim=1)
+
+
+@register_method("gradient_x_input", family="gradient",
+                 paper="Shrikumar et al. 2016, https://arxiv.org/abs/1605.01713")
+def gradient_x_input(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Input times gradient, summed over channels; signed.
+
+    Returns:
+        [B, *spatial].
+    """
+    with eval_mode(model):
+        return (input_gradient(model, x, target) * x).sum(dim=1)
+
+
+@register_method("smoothgrad", family="gradient",
+                 paper="Smilkov et al. 2017, https://arxiv.org/abs/1706.03825")
+def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: int = 16,
+               noise_level: float = 0.15, batch_size: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Mean absolute gradient over noisy copies, then the channel maximum, as for the vanilla gradient.
+
+    Args:
+        n_samples: noisy copies per image.
+        noise_level: noise std as a fraction of each image's value range (max - min); the paper's 10-20%.
+        batch_size: most samples per forward pass (None: one noisy copy of the batch per pass).
+        seed: the noise is drawn from a generator seeded with it.
+
+    Returns:
+        [B, *spatial], >= 0. With one sample and zero noise it equals `vanilla`.
+    """
+    b = x.shape[0]
+    dims = tuple(range(1, x.ndim))
+    sigma = noise_level * (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    total = torch.zeros_like(x)
+    k = per_pass(batch_size, b)
+    with eval_mode(model):
+        for start, stop in chunks(n_samples, k):
+            n = stop - start
+            noise = torch.randn((n, *x.shape), generator=gen, device=x.device, dtype=x.dtype)
+            noisy = (x.detach().unsqueeze(0) + sigma.unsqueeze(0) * noise).reshape(n * b, *x.shape[1:])
+            grad = input_gradient(model, noisy, target.repeat(n))
+            total += grad.abs().reshape(n, *x.shape).sum(0)
+    return (total / n_samples).amax(dim=1)
+
+
+def ig_alphas(n_steps: int, rule: Rule = "gausslegendre") -> tuple[torch.Tensor, torch.Tensor]:
+    """Points in [0, 1] and weights of the path integral's quadrature rule (weights sum to 1)."""
+    if n_steps < 1:
+        raise ValueError("n_steps must be at least 1")
+    n = n_steps
+    if rule == "gausslegendre":
+        t, w = np.polynomial.legendre.leggauss(n)
+        alphas, weights = 0.5 * (t + 1.0), 0.5 * w
+    elif rule == "riemann_left":
+        alphas, weights = np.arange(n) / n, np.full(n, 1.0 / n)
+    elif rule == "riemann_right":
+        alphas, weights = np.arange(1, n + 1) / n, np.full(n, 1.0 / n)
+    elif rule == "riemann_middle":
+        alphas, weights = (np.arange(n) + 0.5) / n, np.full(n, 1.0 / n)
+    elif rule == "riemann_trapezoid":
+        if n < 2:
+            raise ValueError("the trapezoid rule needs n_steps >= 2")
+        alphas = np.linspace(0.0, 1.0, n)
+        weights = np.full(n, 1.0 / (n - 1))
+        weights[[0, -1]] *= 0.5
+    else:
+        raise ValueError(f"unknown rule {rule!r}")
+    return torch.as_tensor(alphas, dtype=torch.float64), torch.as_tensor(weights, dtype=torch.float64)
+
+
+def make_baseline(x: torch.Tensor, baseline: str | float | torch.Tensor = "black", *,
+                  blur_sigma: float = 0.05) -> torch.Tensor:
+    """An IG / occlusion reference image shaped like x.
+
+    Args:
+        baseline: 'black' (zeros), 'blur' (x blurred with a Gaussian of `blur_sigma` times the larger
+            spatial size; Sturmfels et al. 2020, https://distill.pub/2020/attribution-baselines/), a number
+            (a constant image), or a tensor broadcastable to x.
+    """
+    if isinstance(baseline, torch.Tensor):
+        return baseline.to(x).expand_as(x)
+    if baseline == "black":
+        return torch.zeros_like(x)
+    if baseline == "blur":
+        return gaussian_blur(x.detach(), blur_sigma * max(x.shape[2:]))
+    if isinstance(baseline, (int, float)):
+        return torch.full_like(x, float(baseline))
+    raise ValueError(f"unknown baseline {baseline!r}; use black, blur, a number or a tensor")
+
+
+@register_method("integrated_gradients", family="gradient",
+                 paper="Sundararajan, Taly & Yan 2017, https://arxiv.org/abs/1703.01365")
+def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
+                         baseline: str | float | torch.Tensor = "black", n_steps: int = 32,
+                         rule: Rule = "gausslegendre", batch_size: int | None = None) -> torch.Tensor:
+    """(x - x0) times the path integral of the gradient from baseline x0 to x, summed over channels.
+
+    Args:
+        baseline: see `make_baseline` ('black', 'blur', a number, a tensor).
+        n_steps: quadrature points on the path.
+        rule: 'gausslegendre' (exact for polynomial paths of degree < 2 n_steps) or a Riemann rule.
+        batch_size: most samples per forward pass (None: one path point of the batch per pass).
+
+    Returns:
+        [B, *spatial], signed; its sum over pixels approximates f(x) - f(x0) (see `completeness_error`).
+    """
+    b = x.shape[0]
+    x0 = make_baseline(x, baseline)
+    delta = (x - x0).detach()
+    alphas, weights = ig_alphas(n_steps, rule)
+    shape = (-1,) + (1,) * x.ndim
+    alphas, weights = alphas.to(x.device, x.dtype).view(shape), weights.to(x.device, x.dtype).view(shape)
+    total = torch.zeros_like(x)
+    k = per_pass(batch_size, b)
+    with eval_mode(model):
+        for start, stop in chunks(n_steps, k):
+            n = stop - start
+            points = (x0.unsqueeze(0) + alphas[start:stop] * delta.unsqueeze(0)).reshape(n * b, *x.shape[1:])
+            grad = input_gradient(model, points, target.repeat(n)).reshape(n, *x.shape)
+            total += (grad * weights[start:stop]).sum(0)
+    return (total * delta).sum(dim=1)
+
+
+def completeness_error(model: nn.Module, x: torch.Tensor, target: torch.Tensor, attribution: torch.Tensor,
+                       baseline: str | float | torch.Tensor = "black") -> torch.Tensor:
+    """IG's completeness gap per image: sum(attribution) - (f(x) - f(x0)), in logit units. Shape [B]."""
+    x0 = make_baseline(x, baseline)
+    with eval_mode(model), torch.no_grad():
+        gap = target_score(model(x), target) - target_score(model(x0), target)
+    return attribution.flatten(1).sum(dim=1) - gap

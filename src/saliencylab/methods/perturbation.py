@@ -1,0 +1,106 @@
+"""Perturbation methods: occlusion and RISE. Forward passes only, run in chunks under inference mode."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from saliencylab.methods._common import chunks, eval_mode, per_pass, target_probability, target_score
+from saliencylab.methods.gradient import make_baseline
+from saliencylab.methods.registry import register_method
+from saliencylab.ops import resize
+
+
+def _per_axis(value: int | tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
+    out = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(out) != n or min(out) < 1:
+        raise ValueError(f"{what} must be a positive int or one per spatial axis ({n}); got {value!r}")
+    return out
+
+
+@register_method("occlusion", family="perturbation",
+                 paper="Zeiler & Fergus 2014, https://arxiv.org/abs/1311.2901")
+def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window: int | tuple[int, ...] = 32,
+              stride: int | tuple[int, ...] = 16, baseline: str | float | torch.Tensor = 0.0,
+              batch_size: int | None = 64) -> torch.Tensor:
+    """Drop in the target score when a window (all channels) is replaced by the baseline, averaged per pixel.
+
+    Windows slide over every spatial axis; a pixel's value is the mean drop over the windows that cover it
+    (0 where none does).
+
+    Args:
+        window: window size in pixels, one or per axis.
+        stride: step between windows, one or per axis.
+        baseline: the fill, see `make_baseline` (default 0, black).
+        batch_size: most perturbed images per forward pass.
+
+    Returns:
+        [B, *spatial], signed (positive: hiding it lowers the score).
+    """
+    b, _c, *spatial = x.shape
+    win = _per_axis(window, len(spatial), "window")
+    step = _per_axis(stride, len(spatial), "stride")
+    if any(w > s for w, s in zip(win, spatial, strict=True)):
+        raise ValueError(f"window {win} is larger than the input {tuple(spatial)}")
+    starts = [range(0, s - w + 1, st) for s, w, st in zip(spatial, win, step, strict=True)]
+    positions = list(itertools.product(*starts))
+    fill = make_baseline(x, baseline)
+    total = torch.zeros((b, *spatial), dtype=x.dtype, device=x.device)
+    counts = torch.zeros(tuple(spatial), dtype=x.dtype, device=x.device)
+    k = per_pass(batch_size, b)
+    with eval_mode(model), torch.inference_mode():
+        base = target_score(model(x), target)
+        for lo, hi in chunks(len(positions), k):
+            batch = x.unsqueeze(0).repeat(hi - lo, *([1] * x.ndim))  # (P, B, C, *spatial)
+            for i, pos in enumerate(positions[lo:hi]):
+                sl = (i, slice(None), slice(None)) + tuple(slice(p, p + w) for p, w in zip(pos, win, strict=True))
+                batch[sl] = fill[(slice(None), slice(None)) + sl[3:]]
+            drop = base.unsqueeze(0) - target_score(model(batch.flatten(0, 1)), target.repeat(hi - lo)).view(hi - lo, b)
+            for i, pos in enumerate(positions[lo:hi]):
+                region = tuple(slice(p, p + w) for p, w in zip(pos, win, strict=True))
+                total[(slice(None),) + region] += drop[i].view((b,) + (1,) * len(spatial))
+                counts[region] += 1
+    return (total / counts.clamp(min=1)).clone()
+
+
+@register_method("rise", family="perturbation", paper="Petsiuk, Das & Saenko 2018, https://arxiv.org/abs/1806.07421",
+                 display="minmax")
+def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: int = 1000, grid: int = 7,
+         p_keep: float = 0.5, batch_size: int | None = 64, seed: int = 0) -> torch.Tensor:
+    """Randomised input sampling: the mask-weighted mean of the target probability over random soft masks.
+
+    Masks are binary `grid`^d cells kept with probability `p_keep`, upsampled linearly and shifted by a
+    random sub-cell offset (the paper's construction); the same masks serve every image of the batch.
+
+    Args:
+        n_masks: number of masks (the paper uses 4,000-8,000 for ResNet-50; fewer is noisier).
+        grid: cells per axis of the low-resolution mask.
+        p_keep: probability that a cell is kept.
+        batch_size: most masked images per forward pass.
+        seed: the masks come from a generator seeded with it.
+
+    Returns:
+        [B, *spatial], >= 0, in units of probability / p_keep.
+    """
+    b, _c, *spatial = x.shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cell = [-(-s // grid) for s in spatial]  # ceil(s / grid)
+    up = tuple((grid + 1) * c for c in cell)
+    total = torch.zeros((b, *spatial), dtype=x.dtype, device=x.device)
+    k = per_pass(batch_size, b)
+    with eval_mode(model), torch.inference_mode():
+        for lo, hi in chunks(n_masks, k):
+            n = hi - lo
+            cells = (torch.rand((n, 1) + (grid,) * len(spatial), generator=gen) < p_keep).to(x.dtype)
+            big = resize(cells.to(x.device), up)
+            shifts = torch.randint(0, min(cell) if min(cell) > 0 else 1, (n, len(spatial)), generator=gen)
+            masks = torch.stack([
+                big[(i, 0) + tuple(slice(int(o), int(o) + s) for o, s in zip(shifts[i], spatial, strict=True))]
+                for i in range(n)
+            ])  # (n, *spatial)
+            masked = (x.unsqueeze(0) * masks.view(n, 1, 1, *spatial)).flatten(0, 1)
+            prob = target_probability(model(masked), target.repeat(n)).view(n, b)
+            total += torch.einsum("nb,n...->b...", prob, masks)
+    return (total / (n_masks * p_keep)).clone()

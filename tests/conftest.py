@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny hand-weighted models, a random-weight ResNet-18, seeded inputs. No network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from saliencylab.models import Normalized
+
+
+class TinyCNN(nn.Module):
+    """conv(3->4, 3x3) -> ReLU -> conv(4->4, 3x3) -> ReLU -> mean pool -> linear(4->3), weights from a seed.
+
+    `act` may be Softplus for a smooth network (tight Integrated Gradients completeness).
+    """
+
+    def __init__(self, act: type[nn.Module] = nn.ReLU, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act1 = act()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act2 = act()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.cam_layer = "act2"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.act2(self.conv2(self.act1(self.conv1(x))))).flatten(1))
+
+
+class LinearModel(nn.Module):
+    """logits[k] = sum(w[k] * x) + b[k]: gradients, IG and occlusion have closed forms."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)  # (K, C, H, W)
+        self.b = nn.Parameter(torch.zeros(w.shape[0]) if b is None else b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bchw,kchw->bk", x, self.w) + self.b
+
+
+@pytest.fixture
+def tiny() -> TinyCNN:
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def tiny_smooth() -> TinyCNN:
+    return TinyCNN(act=nn.Softplus).eval()
+
+
+@pytest.fixture(scope="session")
+def resnet18() -> Normalized:
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    return Normalized(net, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), cam_layer="net.layer4").eval()
+
+
+@pytest.fixture
+def x_small() -> torch.Tensor:
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def x_resnet() -> torch.Tensor:
+    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    from saliencylab.models import load_model
+
+    return load_model("efficientnet_lite0", device="cpu")
