@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saliencylab.methods._common import capture_output, eval_mode, layer_by_name, target_score
+from saliencylab.methods._common import capture_output, eval_mode, fast_layout, layer_by_name, target_score
 from saliencylab.methods.registry import register_method
 from saliencylab.models.registry import find_cam_layer
 from saliencylab.ops import resize
@@ -19,13 +19,10 @@ def layer_activation_and_gradient(model: nn.Module, x: torch.Tensor, target: tor
     """
     name = layer or getattr(model, "cam_layer", None) or find_cam_layer(model, x)
     module = layer_by_name(model, name)
-    with eval_mode(model), capture_output(module) as store, torch.enable_grad():
-        score = target_score(model(x.detach().requires_grad_(True)), target).sum()
-        acts = store["out"]
-        if not isinstance(acts, torch.Tensor):
-            raise RuntimeError(f"layer {name!r} returns {type(acts).__name__}, not a tensor; pick another layer")
-        (grads,) = torch.autograd.grad(score, acts)
-    return acts.detach(), grads
+    with eval_mode(model), capture_output(module, cut=True) as store, torch.enable_grad():
+        score = target_score(model(fast_layout(x.detach())), target).sum()
+        (grads,) = torch.autograd.grad(score, store["out"])
+    return store["out"].detach(), grads
 
 
 @register_method("gradcam", family="cam", paper="Selvaraju et al. 2017, https://arxiv.org/abs/1610.02391")

@@ -7,7 +7,7 @@ import itertools
 import torch
 from torch import nn
 
-from saliencylab.methods._common import chunks, eval_mode, per_pass, target_probability, target_score
+from saliencylab.methods._common import chunks, eval_mode, fast_layout, per_pass, target_probability, target_score
 from saliencylab.methods.gradient import make_baseline
 from saliencylab.methods.registry import register_method
 from saliencylab.ops import resize
@@ -57,7 +57,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
             for i, pos in enumerate(positions[lo:hi]):
                 sl = (i, slice(None), slice(None)) + tuple(slice(p, p + w) for p, w in zip(pos, win, strict=True))
                 batch[sl] = fill[(slice(None), slice(None)) + sl[3:]]
-            drop = base.unsqueeze(0) - target_score(model(batch.flatten(0, 1)), target.repeat(hi - lo)).view(hi - lo, b)
+            scores = target_score(model(fast_layout(batch.flatten(0, 1))), target.repeat(hi - lo))
+            drop = base.unsqueeze(0) - scores.view(hi - lo, b)
             for i, pos in enumerate(positions[lo:hi]):
                 region = tuple(slice(p, p + w) for p, w in zip(pos, win, strict=True))
                 total[(slice(None),) + region] += drop[i].view((b,) + (1,) * len(spatial))
@@ -101,6 +102,6 @@ def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: in
                 for i in range(n)
             ])  # (n, *spatial)
             masked = (x.unsqueeze(0) * masks.view(n, 1, 1, *spatial)).flatten(0, 1)
-            prob = target_probability(model(masked), target.repeat(n)).view(n, b)
+            prob = target_probability(model(fast_layout(masked)), target.repeat(n)).view(n, b)
             total += torch.einsum("nb,n...->b...", prob, masks)
     return (total / (n_masks * p_keep)).clone()

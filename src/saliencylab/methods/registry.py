@@ -22,7 +22,7 @@ class MethodSpec:
     Attributes:
         name: registry name.
         fn: `(model, x[B, C, *spatial], target[B], **options) -> map[B, *spatial]`.
-        family: gradient, cam, perturbation or model-free.
+        family: gradient, cam, perturbation or model-free (the order of listings).
         paper: where the method comes from.
         uses_model: False for model-free methods (spectral residual).
         display: the normalisation that shows it best ('minmax' for maps with a large offset, like RISE).
