@@ -32,8 +32,11 @@ def efficientnet_lite0(weights: str | None = None, **arch: Any) -> Classifier:
     """
     import timm
 
+    num_outputs = arch.pop("num_outputs", None)
+    class_names = arch.pop("class_names", None)
+    image_size = int(arch.pop("image_size", 224))
     if arch:
-        raise UserError(f"efficientnet_lite0 takes no architecture options (got {sorted(arch)})")
+        raise UserError(f"efficientnet_lite0 takes no architecture options {sorted(arch)}")
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if weights is None:
         net.load_state_dict(_embedded_lite0_state_dict(net))
@@ -44,8 +47,16 @@ def efficientnet_lite0(weights: str | None = None, **arch: Any) -> Classifier:
         load_state_dict_file(weights, net, "efficientnet_lite0")
         source = str(weights)
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    return Classifier(Normalized(net, mean, std, cam_layer="net.bn2"), "efficientnet_lite0",
-                      imagenet_classes(), (224, 224), 3, mean, std, source)
+    names = imagenet_classes()
+    if num_outputs is not None:  # transfer learning: a new head (one logit for a binary task)
+        net.reset_classifier(int(num_outputs))
+        names = list(class_names or ([f"class_{i}" for i in range(int(num_outputs))] if num_outputs > 1
+                                     else ["negative", "positive"]))
+    clf = Classifier(Normalized(net, mean, std, cam_layer="net.bn2"), "efficientnet_lite0",
+                     names, (image_size, image_size), 3, mean, std, source)
+    if num_outputs is not None:
+        clf.extra["num_outputs"] = int(num_outputs)
+    return clf
 
 
 def _embedded_lite0_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -180,3 +191,49 @@ def _numbered(net: nn.Module) -> list[str]:
         last = [m for m in net.modules() if isinstance(m, nn.Linear)]
     k = last[-1].out_features if last else 1
     return [f"class_{i}" for i in range(k)]
+
+
+class CxrCNN(nn.Module):
+    """The article's small sequential CNN: four convolution + pooling blocks, a dense layer, dropout, one logit.
+
+    Batch normalisation after each convolution makes Adam's few epochs on a CPU reliable.
+    """
+
+    def __init__(self, channels: int = 1, image_size: int = 128, width: int = 16, dropout: float = 0.5) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c_in = channels
+        for i in range(4):
+            c_out = width * 2 ** min(i, 2)
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*blocks[:-1])  # the last pooling goes after the CAM layer
+        self.pool = nn.MaxPool2d(2)
+        side = image_size // 16
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, 64), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+
+@register_model("cxr_cnn")
+def cxr_cnn(weights: str | None = None, *, channels: int = 1, image_size: int = 128,
+            class_names: tuple[str, str] = ("Normal", "COVID"), **arch: Any) -> Classifier:
+    """The chest X-ray CNN of the article's second study (single sigmoid output: the positive class)."""
+    if image_size % 16:
+        raise UserError(f"--image-size {image_size}: cxr_cnn needs a multiple of 16")
+    net = CxrCNN(channels, image_size, **arch)
+    if weights is None:
+        raise UserError("cxr_cnn has no pretrained weights: train one with `saliencylab train`, or pass a "
+                        "checkpoint file as --model")
+    source = "random"
+    if weights != "random":
+        load_state_dict_file(weights, net, "cxr_cnn")
+        source = str(weights)
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    clf = Classifier(Normalized(net, mean, std, cam_layer="net.features"), "cxr_cnn", list(class_names),
+                     (image_size, image_size), channels, mean, std, source)
+    clf.extra["num_outputs"] = 1
+    return clf

@@ -1,0 +1,198 @@
+"""Chest X-ray datasets on disk: the COVID-19 Radiography Database (current and older layouts), any
+`root/<class>/*.png` folder, and our phantoms; seeded stratified splits written to `split.csv`."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from saliencylab.data.images import IMAGE_EXTENSIONS
+from saliencylab.errors import UserError
+
+# older releases name the folders differently; matched case-insensitively
+ALIASES = {"covid": ("covid", "covid-19", "covid19"), "normal": ("normal",),
+           "viral pneumonia": ("viral pneumonia", "viral_pneumonia", "pneumonia"),
+           "lung_opacity": ("lung_opacity", "lung opacity")}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset.
+
+    Attributes:
+        file: path relative to the dataset root (the key in split.csv and predictions.csv).
+        label: 1 for the positive class, 0 for the negative.
+        cls: the class folder's name.
+        mask: lung mask path relative to the root, or None.
+        lesions: lesion mask path relative to the root, or None (phantoms only).
+        group: patient or other grouping id, or None.
+    """
+
+    file: str
+    label: int
+    cls: str
+    mask: str | None = None
+    lesions: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class Dataset:
+    root: Path
+    records: list[Record]
+    classes: tuple[str, str]  # (negative, positive)
+    layout: str  # 'current', 'flat' or 'generic'
+
+    def counts(self) -> dict[str, int]:
+        """Images per class."""
+        out = dict.fromkeys(self.classes, 0)
+        for r in self.records:
+            out[self.classes[r.label]] += 1
+        return out
+
+
+def _find_class_dir(root: Path, name: str) -> Path | None:
+    wanted = {name.lower(), *ALIASES.get(name.lower(), ())}
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and child.name.lower() in wanted:
+            return child
+    return None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_dataset(root: str | Path, *, classes: Sequence[str] = ("Normal", "COVID"),
+                 metadata_group: str | None = None) -> Dataset:
+    """Find the images of two classes under `root`.
+
+    Args:
+        classes: (negative, positive) class folder names; aliases of older releases are accepted
+            (COVID-19 for COVID, NORMAL for Normal).
+        metadata_group: a column of `root/metadata.csv` that names each image's patient, so that one
+            patient's images never straddle the split.
+
+    Raises:
+        UserError: the root or a class folder is missing or empty, or masks do not match their images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"dataset folder '{root}' does not exist; generate one with `saliencylab phantoms "
+                        f"{root}` or point --data at the COVID-19 Radiography Database")
+    if len(classes) != 2 or classes[0] == classes[1]:
+        raise UserError(f"--classes needs two different classes (negative,positive); got {list(classes)}")
+    records: list[Record] = []
+    layouts = set()
+    for label, name in enumerate(classes):
+        folder = _find_class_dir(root, name)
+        if folder is None:
+            present = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())) or "none"
+            raise UserError(f"'{root}' has no folder for class '{name}' (folders there: {present}); "
+                            "check --data and --classes")
+        if (folder / "images").is_dir():
+            images, layout = _images_in(folder / "images"), "current"
+        else:
+            images, layout = _images_in(folder), "flat" if folder.name.lower() != name.lower() else "generic"
+        layouts.add(layout)
+        if not images:
+            raise UserError(f"class folder '{folder}' holds no images; check the dataset")
+        masks_dir = folder / "masks" if layout == "current" else None
+        lesions_dir = folder / "lesions" if layout == "current" else None
+        mask_names = {p.name for p in _images_in(masks_dir)} if masks_dir and masks_dir.is_dir() else set()
+        if mask_names:
+            missing = [p.name for p in images if p.name not in mask_names]
+            if missing:
+                raise UserError(f"'{masks_dir}' lacks masks for {len(missing)} of {len(images)} images "
+                                f"(first: {missing[0]}); restore them or remove the masks folder")
+        lesion_names = {p.name for p in _images_in(lesions_dir)} if lesions_dir and lesions_dir.is_dir() else set()
+        for p in images:
+            rel = p.relative_to(root).as_posix()
+            records.append(Record(
+                file=rel, label=label, cls=name,
+                mask=(masks_dir / p.name).relative_to(root).as_posix() if p.name in mask_names else None,
+                lesions=(lesions_dir / p.name).relative_to(root).as_posix() if p.name in lesion_names else None,
+            ))
+    if metadata_group:
+        records = _attach_groups(root, records, metadata_group)
+    layout = layouts.pop() if len(layouts) == 1 else "mixed"
+    return Dataset(root, records, (classes[0], classes[1]), layout)
+
+
+def _attach_groups(root: Path, records: list[Record], column: str) -> list[Record]:
+    meta = root / "metadata.csv"
+    if not meta.is_file():
+        raise UserError(f"--group-column {column}: '{meta}' does not exist; drop the option or add the file")
+    with open(meta, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or column not in rows[0]:
+        raise UserError(f"--group-column {column}: '{meta}' has no such column "
+                        f"(columns: {', '.join(rows[0]) if rows else 'none'})")
+    by_file = {r.get("file", ""): r[column] for r in rows}
+    return [Record(r.file, r.label, r.cls, r.mask, r.lesions, by_file.get(r.file, r.file)) for r in records]
+
+
+def read_metadata(root: str | Path) -> dict[str, dict[str, str]]:
+    """Phantom metadata (file -> row), or {} when the dataset has none."""
+    meta = Path(root) / "metadata.csv"
+    if not meta.is_file():
+        return {}
+    with open(meta, newline="") as f:
+        return {r["file"]: r for r in csv.DictReader(f) if "file" in r}
+
+
+def make_split(records: Sequence[Record], *, test_fraction: float = 0.1, val_fraction: float = 0.1,
+               seed: int = 0) -> list[str]:
+    """Stratified, seeded train / val / test assignment, one per record (groups kept together).
+
+    test_fraction of all images go to test (the article's 10%); val_fraction of the rest to val.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
+
+    n = len(records)
+    labels = np.array([r.label for r in records])
+    if min(np.bincount(labels, minlength=2)) < 3:
+        raise UserError("each class needs at least 3 images to split into train, validation and test")
+    split = np.array(["train"] * n, dtype=object)
+    groups = [r.group for r in records]
+    idx = np.arange(n)
+
+    def carve(pool: np.ndarray, fraction: float, name: str, salt: int) -> None:
+        if groups[0] is not None:
+            k = max(2, round(1 / fraction))
+            folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + salt)
+            _, chosen = next(folds.split(pool, labels[pool], [groups[i] for i in pool]))
+        else:
+            sss = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed + salt)
+            _, chosen = next(sss.split(pool, labels[pool]))
+        split[pool[chosen]] = name
+
+    carve(idx, test_fraction, "test", 0)
+    carve(idx[split == "train"], val_fraction, "val", 1)
+    return split.tolist()
+
+
+def write_split(path: str | Path, records: Sequence[Record], split: Sequence[str]) -> str:
+    """Write split.csv (file, label, class, split, group) atomically; return its SHA-256 (first 16 hex)."""
+    from saliencylab.fsutil import write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["file", "label", "class", "split", "group"])
+    for r, s in zip(records, split, strict=True):
+        w.writerow([r.file, r.label, r.cls, s, r.group or ""])
+    text = buf.getvalue()
+    write_text(path, text)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_split(path: str | Path) -> dict[str, str]:
+    """file -> split from split.csv."""
+    with open(path, newline="") as f:
+        return {row["file"]: row["split"] for row in csv.DictReader(f)}

@@ -1,0 +1,1 @@
+"""Classification metrics (with confidence intervals) and, later, explanation metrics."""
