@@ -197,6 +197,109 @@ def explain(
     typer.echo(f"wrote {out / 'figure.png'} and {out / 'results.json'}")
 
 
+@app.command(epilog="Examples:  saliencylab phantoms data/phantoms  ·  saliencylab phantoms data/shortcut "
+                    "--marker-rate COVID=0.9,Normal=0.1  ·  saliencylab phantoms data/small --n-covid 100 "
+                    "--n-normal 100 --size 128 --seed 1")
+@friendly
+def phantoms(
+    out: Path = typer.Argument(..., help="folder to write the dataset into (the real database's layout)"),
+    n_covid: int = typer.Option(3616, "--n-covid", min=0, help="COVID-like images (the article: 3,616)"),
+    n_normal: int = typer.Option(10192, "--n-normal", min=0, help="normal images (the article: 10,192)"),
+    size: int = typer.Option(256, "--size", min=32, help="image side in pixels"),
+    seed: int = typer.Option(0, "--seed", help="every image's seed derives from it"),
+    marker_rate: str = typer.Option("0.5", "--marker-rate",
+                                    help="'L' marker rate per class, CLASS=RATE,... (equal rates: no shortcut)"),
+    exposure_shift: str = typer.Option("0", "--exposure-shift", help="brightness shift per class, CLASS=SHIFT,..."),
+    lesion_scale: float = typer.Option(1.0, "--lesion-scale", min=0.0, help="lesion opacity multiplier"),
+    workers: int = typer.Option(0, "--workers", min=0, help="processes (0: all cores)"),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
+) -> None:
+    """Generate synthetic chest X-ray phantoms with lung and lesion masks and a controllable shortcut."""
+    from saliencylab.data.phantoms import PhantomConfig, generate, parse_rates
+
+    cfg = PhantomConfig(n_covid=n_covid, n_normal=n_normal, size=size, seed=seed,
+                        marker_rate=parse_rates(marker_rate), exposure_shift=parse_rates(exposure_shift,
+                                                                                        "--exposure-shift"),
+                        lesion_scale=lesion_scale, workers=workers)
+    summary = generate(cfg, out, progress=progress)
+    if summary.get("reused"):
+        typer.echo(f"{out}: {summary['images']} phantoms already there with these settings; kept them")
+    else:
+        typer.echo(f"wrote {summary['images']} phantoms to {out} in {summary['seconds']:.1f}s "
+                   f"({summary['images_per_second']:.0f} images/s on {summary['workers']} processes)")
+
+
+@app.command(epilog="Examples:  saliencylab train --data data/phantoms --out runs/cxr  ·  saliencylab train --data "
+                    "COVID-19_Radiography_Dataset --epochs 10 --image-size 128  ·  saliencylab train --data d "
+                    "--model efficientnet_lite0 --image-size 128 --out runs/lite0  ·  saliencylab train --data d "
+                    "--out runs/cxr --resume")
+@friendly
+def train(
+    data: Path = typer.Option(..., "--data", help="dataset root: phantoms or the COVID-19 Radiography Database"),
+    model: str = typer.Option("cxr_cnn", "--model", "-m", help="cxr_cnn, or efficientnet_lite0 for transfer learning"),
+    out: Path = typer.Option(Path("runs/cxr"), "--out", "-o", help="run folder"),
+    epochs: int = typer.Option(8, "--epochs", min=1),
+    image_size: int = typer.Option(128, "--image-size", min=16, help="input side in pixels"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Adam learning rate"),
+    seed: int = typer.Option(0, "--seed"),
+    classes: str = typer.Option("Normal,COVID", "--classes", help="negative,positive class folders"),
+    class_weight: bool = typer.Option(False, "--class-weight/--no-class-weight", help="weigh the positive class"),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="small shifts, rotations, exposure jitter"),
+    hflip: bool = typer.Option(False, "--hflip", help="also flip left-right (off: laterality is information)"),
+    group_column: str = typer.Option(None, "--group-column", help="metadata.csv column naming each patient"),
+    max_minutes: float = typer.Option(0.0, "--max-minutes", min=0.0, help="stop after the epoch past this budget"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
+) -> None:
+    """Train a COVID-19 vs normal chest X-ray classifier (Adam, binary cross-entropy, 90/10 split)."""
+    from saliencylab.models.registry import resolve_device
+    from saliencylab.train import TrainConfig
+    from saliencylab.train import train as run
+
+    names = tuple(c.strip() for c in classes.split(","))
+    if len(names) != 2:
+        raise UserError(f"--classes '{classes}': give two class folders, negative first (e.g. Normal,COVID)")
+    cfg = TrainConfig(data=str(data), model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
+                      lr=lr, seed=seed, classes=names, class_weight=class_weight, augment=augment, hflip=hflip,
+                      group_column=group_column, max_minutes=max_minutes)
+    summary = run(cfg, out, resume=resume, device=str(resolve_device(device)), progress=progress,
+                  log=typer.echo)
+    typer.echo(f"best validation loss {summary['best_val_loss']:.4f}; checkpoint {out / 'best.pt'}")
+
+
+@app.command(epilog="Examples:  saliencylab evaluate runs/cxr  ·  saliencylab evaluate runs/cxr --data "
+                    "data/phantoms-swapped  ·  saliencylab evaluate runs/cxr --threshold 0.3 --methods vanilla,gradcam")
+@friendly
+def evaluate(
+    run: Path = typer.Argument(..., help="a run folder written by `saliencylab train`"),
+    data: Path = typer.Option(None, "--data", help="another dataset to test on (default: the run's own test split)"),
+    threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0, help="positive when p >= threshold"),
+    out: Path = typer.Option(None, "--out", help="output folder (default: RUN/eval or RUN/eval-<data>)"),
+    methods: str = typer.Option("vanilla,smoothgrad,integrated_gradients,gradcam", "--methods",
+                                help="saliency methods for Figure 3"),
+    per_side: int = typer.Option(2, "--per-side", min=0, help="Figure 3 images predicted near 0 and near 1"),
+    low: float = typer.Option(0.1, "--low", help="'near 0' means p <= this"),
+    high: float = typer.Option(0.9, "--high", help="'near 1' means p >= this"),
+    seed: int = typer.Option(0, "--seed", help="picks Figure 3's images and the bootstrap resamples"),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
+) -> None:
+    """Test a trained model: predictions.csv, metrics.json with 95% CIs, ROC, confusion matrix, Figure 3."""
+    from saliencylab.methods import parse_methods
+    from saliencylab.studies.cxr import evaluate as run_eval
+    from saliencylab.studies.cxr import summary_lines
+
+    parse_methods(methods)
+    metrics = run_eval(run, data=str(data) if data else None, threshold=threshold, out=out, methods=methods,
+                       n_per_side=per_side, low=low, high=high, seed=seed, progress=progress)
+    typer.echo(f"{metrics['scope']} of {metrics['data']}: {metrics['n']} images")
+    for line in summary_lines(metrics):
+        typer.echo(line)
+    typer.echo(f"wrote {metrics['out']}/metrics.json, predictions.csv, roc.png, confusion.png, histograms.png"
+               + (", figure3.png" if metrics.get("figure3", {}).get("images") else ""))
+
+
 @app.command("methods")
 @friendly
 def list_methods(as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:

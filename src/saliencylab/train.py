@@ -239,20 +239,21 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
             if cfg.augment:
                 x = augment(x, gen, hflip=cfg.hflip)
             y = torch.from_numpy(labels[idx]).float().to(dev)
-            logits = clf.module(x.to(dev))[:, 0]
+            logits = clf.module(x.to(dev, memory_format=torch.channels_last))[:, 0]
             loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(pos_weight, device=dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             seen += len(idx)
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int(((logits.detach() > 0).float() == y).sum())
             bar.update(len(idx))
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
         train_s = time.perf_counter() - e0
         val_loss, val_acc = _loss_acc(evaluate_logits(clf, cache, va), labels[va], pos_weight)
-        row = {"epoch": epoch, "train_loss": round(loss_sum / max(seen, 1), 6), "train_acc": round(correct / max(seen, 1), 6),
+        row = {"epoch": epoch, "train_loss": round(loss_sum / max(seen, 1), 6),
+               "train_acc": round(correct / max(seen, 1), 6),
                "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6), "seconds": round(train_s, 2),
                "images_per_second": round(seen / max(train_s, 1e-9), 1)}
         history.append(row)

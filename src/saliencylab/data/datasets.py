@@ -99,7 +99,8 @@ def load_dataset(root: str | Path, *, classes: Sequence[str] = ("Normal", "COVID
         if (folder / "images").is_dir():
             images, layout = _images_in(folder / "images"), "current"
         else:
-            images, layout = _images_in(folder), "flat" if folder.name.lower() != name.lower() else "generic"
+            known = {a for names in ALIASES.values() for a in names}
+            images, layout = _images_in(folder), "flat" if folder.name.lower() in known else "generic"
         layouts.add(layout)
         if not images:
             raise UserError(f"class folder '{folder}' holds no images; check the dataset")

@@ -121,7 +121,8 @@ def draw(rng_seed: int, covid: bool, *, size: int = 256, marker: bool = False, e
     hw, hh = rng.uniform(0.14, 0.18), rng.uniform(0.11, 0.14)
     tilt = rng.uniform(0.2, 0.5)
     du, dv = u - hx, v - hy
-    heart = ((du * math.cos(tilt) + dv * math.sin(tilt)) / hw) ** 2 + ((dv * math.cos(tilt) - du * math.sin(tilt)) / hh) ** 2 < 1
+    along, across = du * math.cos(tilt) + dv * math.sin(tilt), dv * math.cos(tilt) - du * math.sin(tilt)
+    heart = (along / hw) ** 2 + (across / hh) ** 2 < 1
     lungs &= ~heart
 
     air = 0.30 + 0.05 * _smooth_noise(rng, (s, s), s / 24)

@@ -196,6 +196,8 @@ def _numbered(net: nn.Module) -> list[str]:
 class CxrCNN(nn.Module):
     """The article's small sequential CNN: four convolution + pooling blocks, a dense layer, dropout, one logit.
 
+    For a 128-pixel input the feature maps are 32, 16, 8 and 4 pixels wide (the CAM layer: 8x8).
+
     Batch normalisation after each convolution makes Adam's few epochs on a CPU reliable.
     """
 
@@ -205,12 +207,13 @@ class CxrCNN(nn.Module):
         c_in = channels
         for i in range(4):
             c_out = width * 2 ** min(i, 2)
-            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                       nn.MaxPool2d(2)]
+            conv = nn.Conv2d(c_in, c_out, 5, stride=2, padding=2, bias=False) if i == 0 else \
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)  # a strided stem: 4x cheaper on a CPU
+            blocks += [conv, nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
             c_in = c_out
         self.features = nn.Sequential(*blocks[:-1])  # the last pooling goes after the CAM layer
         self.pool = nn.MaxPool2d(2)
-        side = image_size // 16
+        side = image_size // 32
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, 64), nn.ReLU(), nn.Dropout(dropout),
                                   nn.Linear(64, 1))
 
@@ -222,8 +225,8 @@ class CxrCNN(nn.Module):
 def cxr_cnn(weights: str | None = None, *, channels: int = 1, image_size: int = 128,
             class_names: tuple[str, str] = ("Normal", "COVID"), **arch: Any) -> Classifier:
     """The chest X-ray CNN of the article's second study (single sigmoid output: the positive class)."""
-    if image_size % 16:
-        raise UserError(f"--image-size {image_size}: cxr_cnn needs a multiple of 16")
+    if image_size % 32:
+        raise UserError(f"--image-size {image_size}: cxr_cnn needs a multiple of 32")
     net = CxrCNN(channels, image_size, **arch)
     if weights is None:
         raise UserError("cxr_cnn has no pretrained weights: train one with `saliencylab train`, or pass a "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +131,8 @@ def figure_3(clf: Classifier, root: Path, records: list, cache: np.ndarray, prob
     specs = parse_methods(methods)
     rng = np.random.default_rng(seed)
     low_idx, high_idx = np.nonzero(probs <= low)[0], np.nonzero(probs >= high)[0]
-    chosen = [int(i) for i in rng.permutation(low_idx)[:n_per_side]] + [int(i) for i in rng.permutation(high_idx)[:n_per_side]]
+    chosen = [int(i) for i in rng.permutation(low_idx)[:n_per_side]]
+    chosen += [int(i) for i in rng.permutation(high_idx)[:n_per_side]]
     if not chosen:
         return {"images": [], "note": f"no test image predicted <= {low} or >= {high}"}
     x = torch.from_numpy(cache[chosen]).float().div(255).unsqueeze(1).expand(-1, clf.channels, -1, -1).contiguous()
