@@ -70,7 +70,8 @@ def test_resume_reproduces_an_uninterrupted_run(data, run, tmp_path):
 
 def test_checkpoint_works_with_classify_and_explain(run, data, tmp_path):
     img = next((data / "COVID" / "images").iterdir())
-    res = runner.invoke(app, ["classify", str(img), "--model", str(run / "best.pt"), "--json", str(tmp_path / "c.json")])
+    res = runner.invoke(app, ["classify", str(img), "--model", str(run / "best.pt"), "--json",
+                              str(tmp_path / "c.json")])
     assert res.exit_code == 0, res.output
     top = json.loads((tmp_path / "c.json").read_text())["images"][0]["top"]
     assert {t["class"] for t in top} == {"COVID", "Normal"} and abs(sum(t["probability"] for t in top) - 1) < 1e-5

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,9 +69,12 @@ def build_classifier(cfg: TrainConfig) -> tuple[Classifier, str, dict[str, Any]]
     raise UserError(f"--model {cfg.model}: train supports cxr_cnn and efficientnet_lite0 (transfer learning)")
 
 
-def decode_cache(ds: Dataset, records: list[Record], size: int, channels: int, workers: int = 0,
+def decode_cache(ds: Dataset, records: list[Record], size: int, workers: int = 0,
                  progress: bool | None = None) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode and resize every image once into uint8 (N, size, size); unreadable files are listed."""
+    """Decode every image once, as grayscale resized to (size, size), into uint8 (N, size, size).
+
+    Unreadable files are listed as (file, reason) instead of stopping the run.
+    """
     from multiprocessing import get_context
 
     from tqdm import tqdm
@@ -78,7 +82,6 @@ def decode_cache(ds: Dataset, records: list[Record], size: int, channels: int, w
     out = np.zeros((len(records), size, size), dtype=np.uint8)
     bad: list[tuple[str, str]] = []
     jobs = [(str(ds.root / r.file), size) for r in records]
-    import os
 
     n_workers = workers or os.cpu_count() or 1
     with tqdm(total=len(jobs), unit="img", desc="decode", disable=None if progress is None else not progress) as bar:
@@ -92,7 +95,6 @@ def decode_cache(ds: Dataset, records: list[Record], size: int, channels: int, w
                 for i, (arr, err) in enumerate(pool.imap(_decode_one, jobs, chunksize=32)):
                     _store(out, bad, i, arr, err, records)
                     bar.update()
-    del channels
     return out, bad
 
 
@@ -198,7 +200,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
     clf.to(dev)
     size = clf.input_size[0]
     t0 = time.perf_counter()
-    cache, bad = decode_cache(ds, ds.records, size, clf.channels, cfg.workers, progress)
+    cache, bad = decode_cache(ds, ds.records, size, cfg.workers, progress)
     decode_s = time.perf_counter() - t0
     usable = np.ones(len(ds.records), bool)
     bad_files = {f for f, _ in bad}

@@ -51,7 +51,7 @@ def evaluate(run: str | Path, *, data: str | None = None, threshold: float = 0.5
     scope = "test split"
     if not test:
         test, scope = list(ds.records), "all images"
-    cache, bad = decode_cache(ds, test, clf.input_size[0], clf.channels, progress=progress)
+    cache, bad = decode_cache(ds, test, clf.input_size[0], progress=progress)
     keep = np.array([r.file not in {f for f, _ in bad} for r in test])
     test = [r for r, k in zip(test, keep, strict=True) if k]
     cache = cache[keep]

@@ -1,0 +1,101 @@
+"""Sanity checks by model randomisation (Adebayo et al. 2018, https://arxiv.org/abs/1810.03292).
+
+A map that explains the model must change when the model's weights are destroyed. Layers are
+re-initialised from the output down (cascading) or one at a time (independent), on a single copy of the
+model, and the maps of the same images are compared with the original ones (Spearman rank correlation
+of absolute and signed maps, SSIM). A method passes when, with every layer randomised, its maps are no
+more similar to the originals than the original maps of two unrelated images are to each other (the line
+Arun et al. 2021 drew, https://doi.org/10.1148/ryai.2021200267).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from saliencylab.metrics.similarity import spearman, ssim
+
+MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def parameter_layers(model: nn.Module) -> list[str]:
+    """Names of modules that own parameters, in definition order (input side first)."""
+    return [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def randomise(module: nn.Module, seed: int) -> None:
+    """Re-initialise a module's own parameters (its `reset_parameters`, else a scaled normal), seeded."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.affine:
+                nn.init.normal_(module.weight, 1.0, 0.5)  # BN's reset would make it an identity, not random
+                nn.init.normal_(module.bias, 0.0, 0.5)
+        else:
+            with torch.no_grad():
+                for p in module.parameters(recurse=False):
+                    p.normal_(0, float(p.std()) if p.numel() > 1 else 0.1)
+
+
+def _compare(orig: np.ndarray, new: np.ndarray) -> dict[str, float]:
+    """Mean similarity over images of two stacks of maps (N, H, W)."""
+    rows = [(spearman(np.abs(a), np.abs(b)), spearman(a, b), ssim(np.abs(a), np.abs(b))) for a, b in
+            zip(orig, new, strict=True)]
+    arr = np.array(rows, dtype=np.float64)
+    return {"spearman_abs": float(np.nanmean(arr[:, 0])) if len(arr) else math.nan,
+            "spearman": float(np.nanmean(arr[:, 1])) if len(arr) else math.nan,
+            "ssim": float(np.nanmean(arr[:, 2])) if len(arr) else math.nan}
+
+
+def unrelated_baseline(maps: np.ndarray, max_pairs: int = 200) -> dict[str, float]:
+    """Mean similarity of the maps of different images: the line a randomised model must get below."""
+    pairs = list(itertools.combinations(range(len(maps)), 2))[:max_pairs]
+    if not pairs:
+        return {"spearman_abs": math.nan, "spearman": math.nan, "ssim": math.nan}
+    return _compare(np.stack([maps[i] for i, _ in pairs]), np.stack([maps[j] for _, j in pairs]))
+
+
+def randomisation_check(model: nn.Module, x: torch.Tensor, target: torch.Tensor, method: MapFn, *,
+                        mode: str = "cascading", layers: list[str] | None = None, seed: int = 0,
+                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Similarity of maps before and after randomising layers, per step, and the verdict.
+
+    Args:
+        method: `(model, x, target) -> [B, H, W]` (bind the method's options first).
+        mode: 'cascading' (from the output layer down, cumulatively) or 'independent' (one at a time).
+        layers: module names to randomise (default: every module with parameters).
+
+    Returns:
+        {'mode', 'steps': [{'layer', 'spearman_abs', 'spearman', 'ssim'}], 'baseline': similarity of
+        unrelated images, 'passed': the last cascading step's SSIM below the baseline's (None when the
+        baseline is undefined, e.g. one image), 'final': the last step's similarity}.
+    """
+    original = method(model, x, target).detach().float().cpu().numpy()
+    names = layers or parameter_layers(model)
+    work = copy.deepcopy(model)  # one copy, randomised step by step
+    mods = dict(work.named_modules())
+    steps = []
+    order = list(reversed(names))
+    for i, name in enumerate(order):
+        saved = copy.deepcopy(mods[name].state_dict()) if mode == "independent" else None
+        randomise(mods[name], seed + i)
+        maps = method(work, x, target).detach().float().cpu().numpy()
+        steps.append({"layer": name, **_compare(original, maps)})
+        if saved is not None:
+            mods[name].load_state_dict(saved)
+        if progress:
+            progress(name)
+    baseline = unrelated_baseline(original)
+    final = steps[-1] if steps else {}
+    passed = None
+    if mode == "cascading" and steps and not math.isnan(baseline["ssim"]):
+        passed = bool(final["ssim"] <= baseline["ssim"])
+    return {"mode": mode, "steps": steps, "baseline": baseline, "final": final, "passed": passed}
