@@ -79,3 +79,25 @@ def lite0():
     from saliencylab.models import load_model
 
     return load_model("efficientnet_lite0", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def cxr_data(tmp_path_factory):
+    """60 small phantoms (64 px, lesions twice as strong, markers on 90% of COVID-like and 10% of normal)."""
+    from saliencylab.data.phantoms import PhantomConfig, generate
+
+    root = tmp_path_factory.mktemp("cxr") / "phantoms"
+    generate(PhantomConfig(n_covid=30, n_normal=30, size=64, seed=0, lesion_scale=2.0, workers=1,
+                           marker_rate={"COVID": 0.9, "Normal": 0.1}), root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cxr_run(cxr_data, tmp_path_factory):
+    """A cxr_cnn trained for 3 epochs on `cxr_data`."""
+    from saliencylab.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = TrainConfig(data=str(cxr_data), epochs=3, image_size=64, batch_size=8, lr=2e-3, workers=1)
+    train(cfg, out, progress=False, log=lambda *_: None)
+    return out

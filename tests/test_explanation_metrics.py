@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import LinearModel, TinyCNN
 from torch import nn
 
+from conftest import LinearModel, TinyCNN
 from saliencylab.methods.gradient import gradient_x_input, vanilla
 from saliencylab.metrics.faithfulness import area, noisy_linear_fill, removal_curve
 from saliencylab.metrics.localisation import (

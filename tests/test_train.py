@@ -11,19 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from saliencylab.cli import app
-from saliencylab.data.phantoms import PhantomConfig, generate
 from saliencylab.errors import UserError
 from saliencylab.train import TrainConfig, train
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cxr") / "phantoms"
-    generate(PhantomConfig(n_covid=30, n_normal=30, size=64, seed=0, lesion_scale=2.0, workers=1), root,
-             progress=False)
-    return root
 
 
 def _cfg(data: Path, **kw) -> TrainConfig:
@@ -31,62 +22,55 @@ def _cfg(data: Path, **kw) -> TrainConfig:
                           "workers": 1, **kw})
 
 
-@pytest.fixture(scope="module")
-def run(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(_cfg(data), out, progress=False, log=lambda *_: None)
-    return out
-
-
-def test_training_writes_the_run_and_loss_decreases(run):
-    hist = list(csv.DictReader(open(run / "history.csv")))
+def test_training_writes_the_run_and_loss_decreases(cxr_run):
+    hist = list(csv.DictReader(open(cxr_run / "history.csv")))
     assert len(hist) == 3
     assert float(hist[-1]["train_loss"]) < float(hist[0]["train_loss"])
     assert all(float(h["images_per_second"]) > 0 for h in hist)
     for name in ("config.json", "split.csv", "best.pt", "state.pt", "history.png", "unreadable.json"):
-        assert (run / name).is_file(), name
-    ckpt = torch.load(run / "best.pt", weights_only=True)
+        assert (cxr_run / name).is_file(), name
+    ckpt = torch.load(cxr_run / "best.pt", weights_only=True)
     assert ckpt["arch"] == "cxr_cnn" and ckpt["class_names"] == ["Normal", "COVID"]
     assert ckpt["config"]["image_size"] == 64 and len(ckpt["extra"]["split_hash"]) == 16
 
 
-def test_resume_reproduces_an_uninterrupted_run(data, run, tmp_path):
+def test_resume_reproduces_an_uninterrupted_run(cxr_data, cxr_run, tmp_path):
     def interrupt(msg: str) -> None:
         if msg.startswith("epoch 2/"):
             raise KeyboardInterrupt
 
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(data), out, progress=False, log=interrupt)
-    train(_cfg(data), out, resume=True, progress=False, log=lambda *_: None)
-    a = torch.load(run / "state.pt", weights_only=True)
+        train(_cfg(cxr_data), out, progress=False, log=interrupt)
+    train(_cfg(cxr_data), out, resume=True, progress=False, log=lambda *_: None)
+    a = torch.load(cxr_run / "state.pt", weights_only=True)
     b = torch.load(out / "state.pt", weights_only=True)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0)
     with pytest.raises(UserError, match="other settings"):
-        train(_cfg(data, lr=0.1), out, resume=True, progress=False, log=lambda *_: None)
+        train(_cfg(cxr_data, lr=0.1), out, resume=True, progress=False, log=lambda *_: None)
 
 
-def test_checkpoint_works_with_classify_and_explain(run, data, tmp_path):
-    img = next((data / "COVID" / "images").iterdir())
-    res = runner.invoke(app, ["classify", str(img), "--model", str(run / "best.pt"), "--json",
+def test_checkpoint_works_with_classify_and_explain(cxr_run, cxr_data, tmp_path):
+    img = next((cxr_data / "COVID" / "images").iterdir())
+    res = runner.invoke(app, ["classify", str(img), "--model", str(cxr_run / "best.pt"), "--json",
                               str(tmp_path / "c.json")])
     assert res.exit_code == 0, res.output
     top = json.loads((tmp_path / "c.json").read_text())["images"][0]["top"]
     assert {t["class"] for t in top} == {"COVID", "Normal"} and abs(sum(t["probability"] for t in top) - 1) < 1e-5
-    res = runner.invoke(app, ["explain", str(img), "--model", str(run / "best.pt"), "--target", "positive",
+    res = runner.invoke(app, ["explain", str(img), "--model", str(cxr_run / "best.pt"), "--target", "positive",
                               "--methods", "vanilla,gradcam", "--out", str(tmp_path / "ex")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "ex" / "results.json").read_text())["images"][0]["target"]["class"] == "COVID"
 
 
-def test_evaluate_writes_metrics_predictions_and_figure3(run, tmp_path):
-    res = runner.invoke(app, ["evaluate", str(run), "--low", "0.5", "--high", "0.5", "--methods", "vanilla,gradcam",
+def test_evaluate_writes_metrics_predictions_and_figure3(cxr_run, tmp_path):
+    res = runner.invoke(app, ["evaluate", str(cxr_run), "--low", "0.5", "--high", "0.5", "--methods", "vanilla,gradcam",
                               "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    split = list(csv.DictReader(open(run / "split.csv")))
+    split = list(csv.DictReader(open(cxr_run / "split.csv")))
     n_test = sum(r["split"] == "test" for r in split)
     assert m["n"] == n_test and m["scope"] == "test split"
     for name in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "auroc"):
@@ -103,11 +87,11 @@ def test_evaluate_writes_metrics_predictions_and_figure3(run, tmp_path):
     assert len(m["figure3"]["images"]) == expected > 0
 
 
-def test_unreadable_images_are_skipped_and_counted(data, tmp_path):
+def test_unreadable_images_are_skipped_and_counted(cxr_data, tmp_path):
     import shutil
 
     copy = tmp_path / "d"
-    shutil.copytree(data, copy)
+    shutil.copytree(cxr_data, copy)
     (copy / "Normal" / "images" / "Normal-1.png").write_text("not a png")
     (copy / "Normal" / "masks" / "Normal-1.png").write_text("not a png")
     summary = train(_cfg(copy, epochs=1), tmp_path / "r", progress=False, log=lambda *_: None)

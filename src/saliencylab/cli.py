@@ -300,6 +300,41 @@ def evaluate(
                + (", figure3.png" if metrics.get("figure3", {}).get("images") else ""))
 
 
+@app.command(epilog="Examples:  saliencylab audit runs/cxr  ·  saliencylab audit runs/shortcut --n 100 --compare "
+                    "runs/cxr  ·  saliencylab audit runs/cxr --data data/swapped --methods vanilla,gradcam --road")
+@friendly
+def audit(
+    run: Path = typer.Argument(..., help="a run folder written by `saliencylab train`"),
+    methods: str = typer.Option("vanilla,smoothgrad,integrated_gradients,gradcam", "--methods",
+                                help="comma-separated method names, or 'all'"),
+    n: int = typer.Option(64, "--n", min=1, help="test images to audit (seeded sample)"),
+    data: Path = typer.Option(None, "--data", help="another dataset (default: the run's own test split)"),
+    compare: Path = typer.Option(None, "--compare", help="a second run: rank agreement of its maps with these"),
+    sanity_images: int = typer.Option(8, "--sanity-images", min=2, help="images for the randomisation check"),
+    faithfulness_images: int = typer.Option(16, "--faithfulness-images", min=1,
+                                            help="images for deletion / insertion curves"),
+    road: bool = typer.Option(False, "--road", help="also fill removed pixels by noisy linear imputation (slow)"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(None, "--out", help="output folder (default: RUN/audit)"),
+) -> None:
+    """Measure whether the saliency maps can be trusted: localisation, sanity, faithfulness, stability, probes."""
+    from saliencylab.studies.audit import audit as run_audit
+
+    result = run_audit(run, methods=methods, n=n, data=str(data) if data else None,
+                       compare=str(compare) if compare else None, sanity_images=sanity_images,
+                       faithfulness_images=faithfulness_images, road=road, seed=seed, out=out, log=typer.echo)
+    p = result["probes"]
+    if "lungs_blacked_out" in p:
+        b = p["lungs_blacked_out"]
+        typer.echo(f"lungs blacked out: accuracy {b['accuracy']:.3f} (majority baseline "
+                   f"{b['majority_baseline_accuracy']:.3f})")
+    if "marker_swap" in p:
+        typer.echo(f"marker added vs removed: {p['marker_swap']['flips']} of {p['marker_swap']['images']} "
+                   "predictions flip")
+    typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+    typer.echo(f"wrote {result['out']}/audit.json, audit_images.csv, flagged.csv and figures")
+
+
 @app.command("methods")
 @friendly
 def list_methods(as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
