@@ -15,8 +15,9 @@ runner = CliRunner()
 
 def test_audit_writes_every_check(cxr_run, tmp_path):
     out = tmp_path / "audit"
-    res = runner.invoke(app, ["audit", str(cxr_run), "--n", "12", "--methods", "vanilla,gradcam", "--sanity-images",
-                              "4", "--faithfulness-images", "2", "--compare", str(cxr_run), "--out", str(out)])
+    res = runner.invoke(app, ["audit", str(cxr_run), "--n", "12", "--methods", "vanilla,gradcam",
+                              "--sanity-images", "4", "--faithfulness-images", "2", "--compare", str(cxr_run),
+                              "--road", "--data-randomisation", "--batch-size", "4", "--out", str(out)])
     assert res.exit_code == 0, res.output
     a = json.loads((out / "audit.json").read_text())
     n_test = sum(r["split"] == "test" for r in csv.DictReader(open(cxr_run / "split.csv")))
@@ -26,11 +27,14 @@ def test_audit_writes_every_check(cxr_run, tmp_path):
         assert math.isclose(s["lung_ratio"], s["lung_mass"] / s["lung_share"], rel_tol=1e-9)
         assert 0 <= s["border_mass"] <= 1 and 0 <= s["marker_mass"] <= 1
         assert {"deletion_blur", "insertion_blur", "deletion_blur_random", "insertion_blur_random",
-                "deletion_blur_lerf"} <= set(s["faithfulness"])
+                "deletion_blur_lerf", "insertion_blur_lerf", "deletion_noisy_linear"} <= set(s["faithfulness"])
+        assert s["faithfulness_images"] == 2
         assert s["sanity"]["mode"] == "cascading" and len(s["sanity"]["steps"]) > 3
         assert s["sanity"]["passed"] in (True, False)
         assert -1 <= s["noise_spearman"] <= 1 and s["max_sensitivity"] >= 0
     assert a["agreement_between_models"] == {"vanilla": 1.0, "gradcam": 1.0}  # a run compared with itself
+    assert (cxr_run / "shuffled" / "best.pt").is_file()
+    assert all(-1 <= s["data_randomisation_spearman"] <= 1 for s in a["methods"].values())
     assert list(a["agreement_between_methods"]) == ["vanilla vs gradcam"]
     probes = a["probes"]
     assert probes["lungs_blacked_out"]["images"] == 6

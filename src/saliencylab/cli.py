@@ -314,7 +314,10 @@ def audit(
     faithfulness_images: int = typer.Option(16, "--faithfulness-images", min=1,
                                             help="images for deletion / insertion curves"),
     road: bool = typer.Option(False, "--road", help="also fill removed pixels by noisy linear imputation (slow)"),
+    data_randomisation: bool = typer.Option(False, "--data-randomisation",
+                                            help="also retrain on shuffled labels and compare the maps (slow)"),
     seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="images per batch (memory stays flat in --n)"),
     out: Path = typer.Option(None, "--out", help="output folder (default: RUN/audit)"),
 ) -> None:
     """Measure whether the saliency maps can be trusted: localisation, sanity, faithfulness, stability, probes."""
@@ -322,7 +325,8 @@ def audit(
 
     result = run_audit(run, methods=methods, n=n, data=str(data) if data else None,
                        compare=str(compare) if compare else None, sanity_images=sanity_images,
-                       faithfulness_images=faithfulness_images, road=road, seed=seed, out=out, log=typer.echo)
+                       faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,
+                       seed=seed, batch_size=batch_size, out=out, log=typer.echo)
     p = result["probes"]
     if "lungs_blacked_out" in p:
         b = p["lungs_blacked_out"]

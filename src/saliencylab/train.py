@@ -36,6 +36,8 @@ class TrainConfig:
         augment: small shifts, rotations and exposure jitter; never a left-right flip unless `hflip`
             (laterality is information on a radiograph).
         max_minutes: stop after the epoch that crosses this wall-clock budget (0: no limit).
+        extra: rarely used switches; {'shuffle_labels': True} trains on permuted labels (the audit's data
+            randomisation check).
     """
 
     data: str
@@ -194,6 +196,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
     split_hash = write_split(out / "split.csv", ds.records, split)
     split_arr = np.array(split)
     labels = np.array([r.label for r in ds.records])
+    if cfg.extra.get("shuffle_labels"):  # data randomisation (Adebayo et al. 2018): labels carry no signal
+        fit = np.nonzero(split_arr != "test")[0]
+        labels[fit] = labels[fit][np.random.default_rng(cfg.seed).permutation(len(fit))]
 
     clf, arch, arch_kwargs = build_classifier(cfg)
     dev = torch.device(device)

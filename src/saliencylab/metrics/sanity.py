@@ -49,10 +49,13 @@ def _compare(orig: np.ndarray, new: np.ndarray) -> dict[str, float]:
     """Mean similarity over images of two stacks of maps (N, H, W)."""
     rows = [(spearman(np.abs(a), np.abs(b)), spearman(a, b), ssim(np.abs(a), np.abs(b))) for a, b in
             zip(orig, new, strict=True)]
-    arr = np.array(rows, dtype=np.float64)
-    return {"spearman_abs": float(np.nanmean(arr[:, 0])) if len(arr) else math.nan,
-            "spearman": float(np.nanmean(arr[:, 1])) if len(arr) else math.nan,
-            "ssim": float(np.nanmean(arr[:, 2])) if len(arr) else math.nan}
+    arr = np.array(rows, dtype=np.float64).reshape(-1, 3)
+
+    def mean(col: np.ndarray) -> float:  # NaN (a constant map has no rank order) when no value is defined
+        finite = col[np.isfinite(col)]
+        return float(finite.mean()) if finite.size else math.nan
+
+    return {"spearman_abs": mean(arr[:, 0]), "spearman": mean(arr[:, 1]), "ssim": mean(arr[:, 2])}
 
 
 def unrelated_baseline(maps: np.ndarray, max_pairs: int = 200) -> dict[str, float]:

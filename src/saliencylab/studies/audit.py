@@ -55,14 +55,18 @@ def _quiet(fn: Callable[..., float], *args: Any, **kw: Any) -> float:
 
 def audit(run: str | Path, *, methods: str = "vanilla,smoothgrad,integrated_gradients,gradcam", n: int = 64,
           data: str | None = None, compare: str | None = None, sanity_images: int = 8, faithfulness_images: int = 16,
-          road: bool = False, seed: int = 0, out: str | Path | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          road: bool = False, data_randomisation: bool = False, seed: int = 0, batch_size: int = 16,
+          out: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Audit a trained run's saliency maps on `n` seeded test images; write audit.json, audit_images.csv,
-    flagged.csv and figures under `out` (default RUN/audit)."""
+    flagged.csv and figures under `out` (default RUN/audit).
+
+    Images stream through in batches of `batch_size`: only per-image numbers and a few thumbnails are kept,
+    so memory does not grow with `n`. The sanity check and max-sensitivity use the first batch's images;
+    faithfulness curves the first `faithfulness_images`.
+    """
     run_dir, clf, cfg = load_run(run)
     specs = parse_methods(methods)
     out = Path(out) if out else run_dir / ("audit" if data is None else f"audit-{Path(data).name}")
-    out.mkdir(parents=True, exist_ok=True)
     root = Path(data or cfg.get("data", ""))
     ds = load_dataset(root, classes=tuple(cfg.get("classes", clf.class_names)))
     split = read_split(run_dir / "split.csv") if (run_dir / "split.csv").is_file() else {}
@@ -71,114 +75,159 @@ def audit(run: str | Path, *, methods: str = "vanilla,smoothgrad,integrated_grad
     chosen: list[Record] = [pool[i] for i in sorted(rng.permutation(len(pool))[:n])]
     size = clf.input_size[0]
     clf.to("cpu")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    cache, bad = decode_cache(ds, chosen, size, progress=False)
-    keep = [i for i, r in enumerate(chosen) if r.file not in {f for f, _ in bad}]
-    chosen, cache = [chosen[i] for i in keep], cache[keep]
-    if not chosen:
-        raise UserError(f"no readable test image in '{root}'; check the dataset")
+    model = clf.module.eval()
+    other = _other_model(compare, clf) if compare else None
+    shuffled = _shuffled_label_model(run_dir, cfg, log) if data_randomisation else None
     meta = read_metadata(root)
-    src_size = Image.open(root / chosen[0].file).size[0]
-    lungs = [_mask(root, r.mask, size) for r in chosen]
-    lesions = [_mask(root, r.lesions, size) for r in chosen]
-    markers = []
-    for r in chosen:
-        row = meta.get(r.file, {})
-        box = row.get("marker_box", "")
-        markers.append(box_mask((size, size), tuple(round(int(v) * size / src_size) for v in box.split()), pad=1)
-                       if box else None)
-    x_all = torch.from_numpy(cache).float().div(255).unsqueeze(1).expand(-1, clf.channels, -1, -1).contiguous()
-    labels = np.array([r.label for r in chosen])
-    logits = evaluate_logits(clf, cache, np.arange(len(chosen)))
-    probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
-    target = torch.from_numpy((probs >= 0.5).astype(np.int64))  # explain what the model predicted
-    timings["load"] = time.perf_counter() - t0
+    src_size = Image.open(root / chosen[0].file).size[0] if chosen else size
+    border, corners = border_mask((size, size), 0.1), corner_mask((size, size), 0.2)
+    timings: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    per_method: dict[str, dict[str, Any]] = {s.name: {"faith": [], "faith_n": 0, "sens": [], "sanity": None,
+                                                      "shuffled": []} for s in specs}
+    agreement: dict[str, list[float]] = {}
+    between_models: dict[str, list[float]] = {s.name: [] for s in specs}
+    probe_acc: dict[str, list] = {"labels": [], "base": [], "blacked": [], "blacked_labels": [], "with": [],
+                                  "without": []}
+    thumbs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, str, float]] = []
+    unreadable = 0
     log(f"auditing {len(chosen)} test images of {root} with {', '.join(s.name for s in specs)}")
 
-    rows: list[dict[str, Any]] = []
-    summary: dict[str, dict[str, Any]] = {}
-    maps_by_method: dict[str, np.ndarray] = {}
-    border, corners = border_mask((size, size), 0.1), corner_mask((size, size), 0.2)
-    for spec in specs:
-        fn = partial(_call, spec)
+    def tick(key: str, t: float) -> None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+
+    for lo in range(0, len(chosen), batch_size):
         t = time.perf_counter()
-        maps = torch.cat([fn(clf.module, x_all[lo:lo + 16], target[lo:lo + 16]) for lo in range(0, len(chosen), 16)])
-        maps_np = maps.detach().float().numpy()
-        maps_by_method[spec.name] = maps_np
-        timings[f"{spec.name}: maps"] = time.perf_counter() - t
-
+        recs = chosen[lo:lo + batch_size]
+        cache, bad = decode_cache(ds, recs, size, workers=1, progress=False)
+        ok = [i for i, r in enumerate(recs) if r.file not in {f for f, _ in bad}]
+        unreadable += len(recs) - len(ok)
+        recs, cache = [recs[i] for i in ok], cache[ok]
+        if not recs:
+            continue
+        x = torch.from_numpy(cache).float().div(255).unsqueeze(1).expand(-1, clf.channels, -1, -1).contiguous()
+        lungs = [_mask(root, r.mask, size) for r in recs]
+        lesions = [_mask(root, r.lesions, size) for r in recs]
+        markers = [_marker(meta.get(r.file, {}), size, src_size) for r in recs]
+        labels = np.array([r.label for r in recs])
+        probs = 1 / (1 + np.exp(-evaluate_logits(clf, cache, np.arange(len(recs))).astype(np.float64)))
+        target = torch.from_numpy((probs >= 0.5).astype(np.int64))  # explain what the model predicted
+        tick("load", t)
+        maps_now: dict[str, np.ndarray] = {}
+        for spec in specs:
+            fn = partial(_call, spec)
+            acc = per_method[spec.name]
+            t = time.perf_counter()
+            maps = fn(model, x, target).detach().float()
+            maps_np = maps.numpy()
+            maps_now[spec.name] = maps_np
+            tick(f"{spec.name}: maps", t)
+            t = time.perf_counter()
+            batch_rows = [_localisation_row(r, float(p), spec.name, maps_np[i], lungs[i], lesions[i], markers[i],
+                                            border, corners) for i, (r, p) in enumerate(zip(recs, probs, strict=True))]
+            tick(f"{spec.name}: localisation", t)
+            t = time.perf_counter()
+            for row, st in zip(batch_rows, stability(model, x, target, fn, maps=maps, seed=seed), strict=True):
+                row.update(st)
+            if lo == 0:
+                acc["sens"] = max_sensitivity(model, x, target, fn, n_samples=4, seed=seed, maps=maps).tolist()
+            tick(f"{spec.name}: stability", t)
+            t = time.perf_counter()
+            room = faithfulness_images - acc["faith_n"]
+            if room > 0:
+                acc["faith"].append(_faithfulness(model, x, target, maps, room, road, seed + lo))
+                acc["faith_n"] += min(room, len(recs))
+            tick(f"{spec.name}: faithfulness", t)
+            t = time.perf_counter()
+            if lo == 0:
+                k = min(sanity_images, len(recs))
+                acc["sanity"] = randomisation_check(model, x[:k], target[:k], fn, seed=seed)
+            if shuffled is not None:
+                other_maps = fn(shuffled, x, target).detach().float().numpy()
+                acc["shuffled"] += [spearman(maps_np[i], other_maps[i]) for i in range(len(recs))]
+            tick(f"{spec.name}: sanity", t)
+            if other is not None:
+                t = time.perf_counter()
+                other_maps = fn(other, x, target).detach().float().numpy()
+                between_models[spec.name] += [spearman(maps_np[i], other_maps[i]) for i in range(len(recs))]
+                tick("agreement", t)
+            rows += batch_rows
+            for i, row in enumerate(batch_rows):
+                if spec is specs[0] and row["lung_mass"] < 0.5 and len(thumbs) < 8:
+                    thumbs.append((cache[i], maps_np[i], lungs[i], recs[i].file, float(probs[i])))
         t = time.perf_counter()
-        per = []
-        for i, r in enumerate(chosen):
-            m = maps_np[i]
-            lung = lungs[i]
-            row = {"file": r.file, "label": int(r.label), "probability": round(float(probs[i]), 6),
-                   "method": spec.name,
-                   "lung_mass": _quiet(mass_inside, m, lung) if lung is not None else math.nan,
-                   "lung_share": float(lung.mean()) if lung is not None else math.nan,
-                   "lung_pointing": _quiet(pointing_game, m, lung) if lung is not None else math.nan,
-                   "border_mass": _quiet(mass_inside, m, border), "corner_mass": _quiet(mass_inside, m, corners),
-                   "lesion_mass": _quiet(mass_inside, m, lesions[i]) if lesions[i] is not None else math.nan,
-                   "lesion_pointing": _quiet(pointing_game, m, lesions[i]) if lesions[i] is not None else math.nan,
-                   "lesion_iou": _quiet(otsu_iou, m, lesions[i]) if lesions[i] is not None else math.nan,
-                   "marker_mass": _quiet(mass_inside, m, markers[i]) if markers[i] is not None else math.nan}
-            per.append(row)
-        timings[f"{spec.name}: localisation"] = time.perf_counter() - t
-
+        names = list(maps_now)
+        for ai, a in enumerate(names):
+            for b in names[ai + 1:]:
+                agreement.setdefault(f"{a} vs {b}", []).extend(
+                    spearman(maps_now[a][i], maps_now[b][i]) for i in range(len(recs)))
+        tick("agreement", t)
         t = time.perf_counter()
-        stab = []
-        for lo in range(0, len(chosen), 16):
-            stab += stability(clf.module, x_all[lo:lo + 16], target[lo:lo + 16], fn, maps=maps[lo:lo + 16], seed=seed)
-        sens = max_sensitivity(clf.module, x_all[:16], target[:16], fn, n_samples=4, seed=seed, maps=maps[:16])
-        for row, st in zip(per, stab, strict=True):
-            row.update({k: round(v, 6) if isinstance(v, float) and math.isfinite(v) else v for k, v in st.items()})
-        timings[f"{spec.name}: stability"] = time.perf_counter() - t
+        _probe_batch(model, x, labels, lungs, recs, meta, root, size, probe_acc)
+        tick("probes", t)
 
-        t = time.perf_counter()
-        faith = _faithfulness(clf.module, x_all, target, maps, faithfulness_images, road, seed)
-        timings[f"{spec.name}: faithfulness"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        k = min(sanity_images, len(chosen))
-        sanity = randomisation_check(clf.module, x_all[:k], target[:k], fn, seed=seed)
-        timings[f"{spec.name}: sanity"] = time.perf_counter() - t
-        rows += per
-
-        lung_mass = _nanmean([r["lung_mass"] for r in per])
-        lung_share = _nanmean([r["lung_share"] for r in per])
-        summary[spec.name] = {
-            "lung_mass": lung_mass, "lung_share": lung_share,
-            "lung_ratio": lung_mass / lung_share if lung_share and math.isfinite(lung_share) else math.nan,
-            **{key: _nanmean([r[key] for r in per]) for key in (
-                "lung_pointing", "border_mass", "corner_mass", "lesion_mass", "lesion_pointing", "lesion_iou",
-                "marker_mass", "noise_spearman", "noise_ssim", "shift_spearman", "shift_ssim")},
-            "marker_mass_chance": _nanmean([float(mk.mean()) for mk in markers if mk is not None]),
-            "max_sensitivity": float(np.mean(sens)) if len(sens) else math.nan,
-            "faithfulness": faith, "sanity": sanity,
-            "flagged": [r["file"] for r in per if r["lung_mass"] < 0.5],
-        }
-        log(f"{spec.name}: {100 * lung_mass:.0f}% of the saliency inside the lungs (they cover "
-            f"{100 * lung_share:.0f}%), marker {100 * summary[spec.name]['marker_mass']:.1f}%, deletion AUC "
-            f"{faith['deletion_blur']:.3f} vs random {faith['deletion_blur_random']:.3f}, sanity "
-            f"{'passed' if sanity['passed'] else 'failed' if sanity['passed'] is False else 'n/a'}")
-
-    t = time.perf_counter()
-    agreement = {f"{a} vs {b}": _nanmean([spearman(maps_by_method[a][i], maps_by_method[b][i])
-                                          for i in range(len(chosen))])
-                 for ai, a in enumerate(maps_by_method) for b in list(maps_by_method)[ai + 1:]}
-    models = _compare_models(compare, specs, x_all, target, maps_by_method) if compare else {}
-    timings["agreement"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    probes = _probes(clf, x_all, labels, lungs, chosen, meta, root, size, cfg)
-    timings["probes"] = time.perf_counter() - t
-
-    result = {"run": str(run_dir), "data": str(root), "images": len(chosen), "unreadable": len(bad),
-              "methods": summary, "agreement_between_methods": agreement, "agreement_between_models": models,
-              "probes": probes, "seconds": {k: round(v, 3) for k, v in timings.items()}, "seed": seed}
-    _write_outputs(out, result, rows, chosen, cache, maps_by_method, lungs, probs)
+    if not rows:
+        raise UserError(f"no readable test image in '{root}'; check the dataset")
+    summary = {spec.name: _summarise([r for r in rows if r["method"] == spec.name], per_method[spec.name])
+               for spec in specs}
+    for name, s in summary.items():
+        log(f"{name}: {100 * s['lung_mass']:.0f}% of the saliency inside the lungs (they cover "
+            f"{100 * s['lung_share']:.0f}%), marker {100 * s['marker_mass']:.1f}%, deletion AUC "
+            f"{s['faithfulness']['deletion_blur']:.3f} vs random {s['faithfulness']['deletion_blur_random']:.3f}, "
+            f"sanity {'passed' if s['sanity']['passed'] else 'failed' if s['sanity']['passed'] is False else 'n/a'}")
+    result = {"run": str(run_dir), "data": str(root), "images": len(rows) // len(specs), "unreadable": unreadable,
+              "methods": summary, "agreement_between_methods": {k: _nanmean(v) for k, v in agreement.items()},
+              "agreement_between_models": {k: _nanmean(v) for k, v in between_models.items()} if other else {},
+              "probes": _probe_summary(probe_acc), "seconds": {k: round(v, 3) for k, v in timings.items()},
+              "seed": seed}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_outputs(out, result, rows, thumbs, specs[0].name)
     return result | {"out": str(out)}
+
+
+def _marker(row: dict[str, str], size: int, src_size: int) -> np.ndarray | None:
+    box = row.get("marker_box", "")
+    if not box:
+        return None
+    return box_mask((size, size), tuple(round(int(v) * size / src_size) for v in box.split()), pad=1)
+
+
+def _localisation_row(r: Record, prob: float, method: str, m: np.ndarray, lung: np.ndarray | None,
+                      lesion: np.ndarray | None, marker: np.ndarray | None, border: np.ndarray,
+                      corners: np.ndarray) -> dict[str, Any]:
+    def score(fn: Callable[..., float], mask: np.ndarray | None) -> float:
+        return _quiet(fn, m, mask) if mask is not None else math.nan
+
+    return {"file": r.file, "label": int(r.label), "probability": round(prob, 6), "method": method,
+            "lung_mass": score(mass_inside, lung), "lung_share": float(lung.mean()) if lung is not None else math.nan,
+            "lung_pointing": score(pointing_game, lung), "border_mass": score(mass_inside, border),
+            "corner_mass": score(mass_inside, corners), "lesion_mass": score(mass_inside, lesion),
+            "lesion_pointing": score(pointing_game, lesion), "lesion_iou": score(otsu_iou, lesion),
+            "marker_mass": score(mass_inside, marker),
+            "marker_share": float(marker.mean()) if marker is not None else math.nan}
+
+
+def _summarise(per: list[dict[str, Any]], acc: dict[str, Any]) -> dict[str, Any]:
+    lung_mass, lung_share = _nanmean([r["lung_mass"] for r in per]), _nanmean([r["lung_share"] for r in per])
+    faith: dict[str, list[float]] = {}
+    for part in acc["faith"]:
+        for k, v in part.items():
+            faith.setdefault(k, []).extend(v)
+    out = {
+        "lung_mass": lung_mass, "lung_share": lung_share,
+        "lung_ratio": lung_mass / lung_share if lung_share and math.isfinite(lung_share) else math.nan,
+        **{key: _nanmean([r[key] for r in per]) for key in (
+            "lung_pointing", "border_mass", "corner_mass", "lesion_mass", "lesion_pointing", "lesion_iou",
+            "marker_mass", "marker_share", "noise_spearman", "noise_ssim", "shift_spearman", "shift_ssim")},
+        "max_sensitivity": _nanmean(acc["sens"]),
+        "faithfulness": {k: float(np.mean(v)) for k, v in faith.items()},
+        "faithfulness_images": len(next(iter(faith.values()), [])),
+        "sanity": acc["sanity"],
+        "flagged": [r["file"] for r in per if r["lung_mass"] < 0.5],
+    }
+    if acc["shuffled"]:
+        out["data_randomisation_spearman"] = _nanmean(acc["shuffled"])
+    return out
 
 
 def _call(spec: MethodSpec, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -186,98 +235,110 @@ def _call(spec: MethodSpec, model: torch.nn.Module, x: torch.Tensor, target: tor
 
 
 def _faithfulness(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor, k: int,
-                  road: bool, seed: int) -> dict[str, float]:
-    """Mean deletion / insertion areas (most relevant first) for the maps and for random maps."""
+                  road: bool, seed: int) -> dict[str, list[float]]:
+    """Per-image deletion / insertion areas, most and least relevant first, for the maps and random maps."""
     gen = torch.Generator().manual_seed(seed)
-    k = min(k, len(x))
     fills = ["blur", "noisy_linear"] if road else ["blur"]
     out: dict[str, list[float]] = {}
-    for i in range(k):
+    for i in range(min(k, len(x))):
         rand = torch.rand(maps[i].shape, generator=gen)
         for fill in fills:
             for mode in ("deletion", "insertion"):
-                for name, m in (("", maps[i]), ("_random", rand)):
-                    curve = removal_curve(model, x[i], target[i], m, mode=mode, fill=fill, steps=10, seed=seed)
+                for name, m, order in (("", maps[i], "morf"), ("_random", rand, "morf"), ("_lerf", maps[i], "lerf")):
+                    curve = removal_curve(model, x[i], target[i], m, mode=mode, fill=fill, order=order, steps=10,
+                                          seed=seed)
                     out.setdefault(f"{mode}_{fill}{name}", []).append(area(curve))
-            lerf = removal_curve(model, x[i], target[i], maps[i], mode="deletion", fill=fill, order="lerf", steps=10)
-            out.setdefault(f"deletion_{fill}_lerf", []).append(area(lerf))
-    return {key: float(np.mean(v)) for key, v in out.items()}
-
-
-def _compare_models(other: str, specs: list[MethodSpec], x: torch.Tensor, target: torch.Tensor,
-                    maps: dict[str, np.ndarray]) -> dict[str, float]:
-    _, clf2, _ = load_run(other)
-    if clf2.input_size != tuple(x.shape[2:]) or clf2.channels != x.shape[1]:
-        raise UserError(f"--compare {other}: that model takes {clf2.channels}x{clf2.input_size}, this one "
-                        f"{x.shape[1]}x{tuple(x.shape[2:])}; compare models with the same input")
-    out = {}
-    for spec in specs:
-        other_maps = torch.cat([spec.fn(clf2.module, x[lo:lo + 16], target[lo:lo + 16])
-                                for lo in range(0, len(x), 16)]).detach().numpy()
-        out[spec.name] = _nanmean([spearman(maps[spec.name][i], other_maps[i]) for i in range(len(x))])
     return out
 
 
-def _probes(clf: Any, x: torch.Tensor, labels: np.ndarray, lungs: list, chosen: list[Record],
-            meta: dict[str, dict[str, str]], root: Path, size: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Accuracy with the lungs blacked out (Maguolo & Nanni 2021, https://doi.org/10.1016/j.inffus.2021.04.008)
-    and, on phantoms, prediction flips when the marker is added or removed."""
-    from saliencylab.metrics.classification import binary_metrics
+def _other_model(other: str, clf: Any) -> torch.nn.Module:
+    _, clf2, _ = load_run(other)
+    if clf2.input_size != clf.input_size or clf2.channels != clf.channels:
+        raise UserError(f"--compare {other}: that model takes {clf2.channels}x{clf2.input_size}, this one "
+                        f"{clf.channels}x{clf.input_size}; compare models with the same input")
+    return clf2.to("cpu").module.eval()
 
+
+def _shuffled_label_model(run_dir: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> torch.nn.Module:
+    """Adebayo et al.'s data randomisation: the same training on shuffled labels (kept in RUN/shuffled)."""
+    from saliencylab.train import TrainConfig, train
+
+    fields = {k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__}
+    fields["classes"] = tuple(fields.get("classes", ("Normal", "COVID")))
+    fields["extra"] = {**fields.get("extra", {}), "shuffle_labels": True}
+    out = run_dir / "shuffled"
+    if not (out / "best.pt").is_file():
+        log(f"data randomisation: training on shuffled labels into {out}")
+        train(TrainConfig(**fields), out, progress=False, log=log)
+    return load_run(out)[1].to("cpu").module.eval()
+
+
+def _probe_batch(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, lungs: list, recs: list[Record],
+                 meta: dict[str, dict[str, str]], root: Path, size: int, acc: dict[str, list]) -> None:
+    """Shortcut probes for one batch: predictions with the lungs blacked out (Maguolo & Nanni 2021,
+    https://doi.org/10.1016/j.inffus.2021.04.008) and, on phantoms, with the marker added and removed."""
     def predict(batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            return np.concatenate([(clf.module.eval()(batch[lo:lo + 64])[:, 0] > 0).numpy()
-                                   for lo in range(0, len(batch), 64)]).astype(int)
+            return (model(batch)[:, 0] > 0).numpy().astype(int)
 
-    base = predict(x)
-    out: dict[str, Any] = {"accuracy": float((base == labels).mean())}
+    acc["labels"] += labels.tolist()
+    acc["base"] += predict(x).tolist()
     have = [i for i, m in enumerate(lungs) if m is not None]
     if have:
         blacked = x[have].clone()
         for j, i in enumerate(have):
             blacked[j, :, torch.from_numpy(lungs[i])] = 0.0
-        pred = predict(blacked)
-        m = binary_metrics(labels[have], pred.astype(float), n_boot=200)
-        out["lungs_blacked_out"] = {"images": len(have), "accuracy": m["accuracy"]["value"],
+        acc["blacked"] += predict(blacked).tolist()
+        acc["blacked_labels"] += labels[have].tolist()
+    seeds = [meta.get(r.file, {}).get("seed") for r in recs]
+    if not meta or any(sd in (None, "") for sd in seeds):
+        return
+    from saliencylab.data.phantoms import draw
+
+    settings = _phantom_settings(root)
+    src = int(settings.get("size", Image.open(root / recs[0].file).size[0]))
+    for flag, key in ((True, "with"), (False, "without")):
+        arrs = []
+        for r, sd in zip(recs, seeds, strict=True):
+            ph = draw(int(sd), r.cls == "COVID", size=src, marker=flag,
+                      exposure_shift=float(settings.get("exposure_shift", {}).get(r.cls, 0.0)),
+                      lesion_scale=float(settings.get("lesion_scale", 1.0)))
+            img = Image.fromarray((ph.image * 255 + 0.5).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+            arrs.append(np.asarray(img))
+        batch = torch.from_numpy(np.stack(arrs)).float().div(255).unsqueeze(1).expand(-1, x.shape[1], -1, -1)
+        acc[key] += predict(batch.contiguous()).tolist()
+
+
+def _phantom_settings(root: Path) -> dict[str, Any]:
+    import json
+
+    path = root / "phantoms.json"
+    return json.loads(json.loads(path.read_text())["settings"]) if path.is_file() else {}
+
+
+def _probe_summary(acc: dict[str, list]) -> dict[str, Any]:
+    from saliencylab.metrics.classification import binary_metrics
+
+    labels, base = np.array(acc["labels"]), np.array(acc["base"])
+    out: dict[str, Any] = {"accuracy": float((labels == base).mean()) if len(labels) else math.nan}
+    if acc["blacked"]:
+        bl = np.array(acc["blacked_labels"])
+        m = binary_metrics(bl, np.array(acc["blacked"], dtype=float), n_boot=200)
+        out["lungs_blacked_out"] = {"images": len(bl), "accuracy": m["accuracy"]["value"],
                                     "balanced_accuracy": m["balanced_accuracy"]["value"],
                                     "majority_baseline_accuracy": m["majority_baseline"]["accuracy"]}
-    seeds = [meta.get(r.file, {}).get("seed") for r in chosen]
-    if meta and all(s not in (None, "") for s in seeds):
-        from saliencylab.data.phantoms import draw
-
-        settings = {}
-        ph_json = root / "phantoms.json"
-        if ph_json.is_file():
-            import json
-
-            settings = json.loads(json.loads(ph_json.read_text())["settings"])
-        src = int(settings.get("size", Image.open(root / chosen[0].file).size[0]))
-        with_m, without_m = [], []
-        for r, s in zip(chosen, seeds, strict=True):
-            covid = r.cls == "COVID"
-            shift = float(settings.get("exposure_shift", {}).get(r.cls, 0.0))
-            scale = float(settings.get("lesion_scale", 1.0))
-            for flag, bucket in ((True, with_m), (False, without_m)):
-                ph = draw(int(s), covid, size=src, marker=flag, exposure_shift=shift, lesion_scale=scale)
-                img = Image.fromarray((ph.image * 255 + 0.5).astype(np.uint8)).resize((size, size), Image.BILINEAR)
-                bucket.append(np.asarray(img))
-        def batch(arrs: list) -> torch.Tensor:
-            return torch.from_numpy(np.stack(arrs)).float().div(255).unsqueeze(1).expand(
-                -1, x.shape[1], -1, -1).contiguous()
-
-        p_with, p_without = predict(batch(with_m)), predict(batch(without_m))
+    if acc["with"]:
+        w, wo = np.array(acc["with"]), np.array(acc["without"])
         out["marker_swap"] = {
-            "images": len(chosen), "flips": int((p_with != p_without).sum()),
-            "flip_rate": float((p_with != p_without).mean()),
-            "positive_rate_with_marker": float(p_with.mean()), "positive_rate_without_marker": float(p_without.mean()),
-            "accuracy_with_marker": float((p_with == labels).mean()),
-            "accuracy_without_marker": float((p_without == labels).mean()),
+            "images": len(w), "flips": int((w != wo).sum()), "flip_rate": float((w != wo).mean()),
+            "positive_rate_with_marker": float(w.mean()), "positive_rate_without_marker": float(wo.mean()),
+            "accuracy_with_marker": float((w == labels).mean()),
+            "accuracy_without_marker": float((wo == labels).mean()),
         }
     return out
 
 
-def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]], chosen: list[Record],
-                   cache: np.ndarray, maps: dict[str, np.ndarray], lungs: list, probs: np.ndarray) -> None:
+def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]], thumbs: list, first: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,27 +377,24 @@ def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for n in names:
-        steps = s[n]["sanity"]["steps"]
+        steps = s[n]["sanity"]["steps"] if s[n]["sanity"] else []
         ax.plot(range(1, len(steps) + 1), [st["ssim"] for st in steps], "o-", label=n)
-    base = [s[n]["sanity"]["baseline"]["ssim"] for n in names]
-    if base and math.isfinite(np.nanmean(base)):
+    base = [s[n]["sanity"]["baseline"]["ssim"] for n in names if s[n]["sanity"]]
+    if base and np.isfinite(base).any():
         ax.axhline(float(np.nanmean(base)), color="gray", ls="--", label="unrelated images")
     ax.set(xlabel="layers randomised (from the output down)", ylabel="SSIM to the original map",
            title="cascading randomisation")
     ax.legend(fontsize=8)
     save(fig, "sanity.png")
 
-    if flagged:
-        show = [i for i, r in enumerate(chosen) if r.file in flagged][:8]
-        first = names[0]
-        fig, axes = plt.subplots(1, len(show), figsize=(2.2 * len(show), 2.6), squeeze=False)
-        for ax, i in zip(axes[0], show, strict=False):
-            img = cache[i].astype(np.float32) / 255
-            rgb = overlay(img, normalise(np.abs(maps[first][i]), "percentile"))
-            if lungs[i] is not None:
-                rgb[find_boundaries(lungs[i])] = (0, 255, 0)
+    if thumbs:
+        fig, axes = plt.subplots(1, len(thumbs), figsize=(2.2 * len(thumbs), 2.6), squeeze=False)
+        for ax, (img, m, lung, file, p) in zip(axes[0], thumbs, strict=True):
+            rgb = overlay(img.astype(np.float32) / 255, normalise(np.abs(m), "percentile"))
+            if lung is not None:
+                rgb[find_boundaries(lung)] = (0, 255, 0)
             ax.imshow(rgb)
-            ax.set_title(f"{Path(chosen[i].file).name}\np={probs[i]:.2f}", fontsize=7)
+            ax.set_title(f"{Path(file).name}\np={p:.2f}", fontsize=7)
             ax.axis("off")
         fig.suptitle(f"flagged: most {first} saliency outside the lungs", fontsize=9)
         save(fig, "flagged.png")
