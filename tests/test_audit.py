@@ -51,3 +51,25 @@ def test_audit_writes_every_check(cxr_run, tmp_path):
 def test_audit_errors(tmp_path):
     res = runner.invoke(app, ["audit", str(tmp_path)])
     assert res.exit_code == 2 and "has no best.pt" in res.stderr
+
+
+def test_audit_of_explain_outputs(tmp_path):
+    """Photos have no masks: the audit runs what applies, with explain's own methods and options."""
+    import numpy as np
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / f"p{i}.png")
+    ex = tmp_path / "ex"
+    res = runner.invoke(app, ["explain", *[str(tmp_path / f"p{i}.png") for i in range(3)], "--model",
+                              "torchvision:squeezenet1_1", "--weights", "random", "--methods",
+                              "vanilla,spectral_residual", "--out", str(ex)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["audit", str(ex), "--faithfulness-images", "1", "--sanity-images", "3"])
+    assert res.exit_code == 0, res.output
+    a = json.loads((ex / "audit" / "audit.json").read_text())
+    assert a["images"] == 3 and a["model"] == {"model": "torchvision:squeezenet1_1", "weights": "random"}
+    assert a["methods"]["spectral_residual"]["sanity"] is None  # model-free: nothing to randomise
+    assert len(a["methods"]["vanilla"]["sanity"]["steps"]) == 26  # every convolution of SqueezeNet 1.1
+    assert list(a["agreement_between_methods"]) == ["vanilla vs spectral_residual"]

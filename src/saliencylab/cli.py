@@ -186,7 +186,8 @@ def explain(
     display = DisplaySettings(sign=sign, smooth=smooth, normalise=normalise, alpha=alpha, cmap=cmap)
     result = run(clf, sources, specs, out, options=options, target=target, batch_size=batch_size,
                  display=display, skip_bad=skip_bad, progress=progress,
-                 command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]))
+                 command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]),
+                 model_args={"model": model, "weights": weights})
     for source, reason in result.skipped:
         typer.echo(f"skipped {source}: {reason}", err=True)
     for rec in result.images:
@@ -304,7 +305,7 @@ def evaluate(
                     "runs/cxr  ·  saliencylab audit runs/cxr --data data/swapped --methods vanilla,gradcam --road")
 @friendly
 def audit(
-    run: Path = typer.Argument(..., help="a run folder written by `saliencylab train`"),
+    run: Path = typer.Argument(..., help="a run folder written by `saliencylab train`, or an `explain` output folder"),
     methods: str = typer.Option("vanilla,smoothgrad,integrated_gradients,gradcam", "--methods",
                                 help="comma-separated method names, or 'all'"),
     n: int = typer.Option(64, "--n", min=1, help="test images to audit (seeded sample)"),
@@ -320,9 +321,20 @@ def audit(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="images per batch (memory stays flat in --n)"),
     out: Path = typer.Option(None, "--out", help="output folder (default: RUN/audit)"),
 ) -> None:
-    """Measure whether the saliency maps can be trusted: localisation, sanity, faithfulness, stability, probes."""
-    from saliencylab.studies.audit import audit as run_audit
+    """Measure whether the saliency maps can be trusted: localisation, sanity, faithfulness, stability, probes.
 
+    On an `explain` output folder (photos, no masks), the checks that apply: sanity, faithfulness,
+    stability and agreement between methods, with the methods and options that `explain` used.
+    """
+    from saliencylab.studies.audit import audit as run_audit
+    from saliencylab.studies.audit import audit_explain
+
+    if (run / "results.json").is_file() and not (run / "best.pt").is_file():
+        result = audit_explain(run, n=n, sanity_images=sanity_images, faithfulness_images=faithfulness_images,
+                               seed=seed, out=out, log=typer.echo)
+        typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+        typer.echo(f"wrote {result['out']}/audit.json")
+        return
     result = run_audit(run, methods=methods, n=n, data=str(data) if data else None,
                        compare=str(compare) if compare else None, sanity_images=sanity_images,
                        faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,

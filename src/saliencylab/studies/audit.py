@@ -398,3 +398,66 @@ def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]
             ax.axis("off")
         fig.suptitle(f"flagged: most {first} saliency outside the lungs", fontsize=9)
         save(fig, "flagged.png")
+
+
+def audit_explain(folder: str | Path, *, n: int = 64, sanity_images: int = 8, faithfulness_images: int = 16,
+                  seed: int = 0, out: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The checks that need no masks (sanity, faithfulness, stability, agreement) on an `explain` output
+    folder: its model, images, targets, methods and method options, from its results.json."""
+    import json
+
+    from saliencylab.data.images import load_image
+    from saliencylab.methods import get_method
+    from saliencylab.models.registry import load_model
+
+    folder = Path(folder)
+    res = json.loads((folder / "results.json").read_text())
+    args = res.get("model_args") or {"model": res["model"]["name"], "weights": None}
+    clf = load_model(args["model"], weights=args.get("weights"), device="cpu")
+    images = res["images"][:n]
+    if not images:
+        raise UserError(f"'{folder}/results.json' lists no images; run `saliencylab explain` again")
+    try:
+        x = torch.stack([clf.preprocess(load_image(im["source"]).pixels) for im in images])
+    except UserError as err:
+        raise UserError(f"cannot reload the images of '{folder}': {err}") from None
+    target = torch.tensor([im["target"]["index"] for im in images])
+    timings: dict[str, float] = {}
+    summary: dict[str, Any] = {}
+    maps_by: dict[str, np.ndarray] = {}
+    for name, info in res["methods"].items():
+        spec = get_method(name)
+        opts = {k: v for k, v in info.get("options", {}).items() if k in spec.options()
+                and isinstance(v, (int, float, str, bool)) and not (isinstance(v, str) and v.startswith("<"))}
+        fn = partial(lambda sp, o, m, xx, tt: sp.fn(m, xx, tt, **o), spec, opts)
+        t = time.perf_counter()
+        maps = torch.cat([fn(clf.module, x[lo:lo + 8], target[lo:lo + 8]) for lo in range(0, len(x), 8)]).float()
+        maps_by[name] = maps.numpy()
+        timings[f"{name}: maps"] = time.perf_counter() - t
+        t = time.perf_counter()
+        stab = stability(clf.module, x, target, fn, maps=maps, seed=seed)
+        timings[f"{name}: stability"] = time.perf_counter() - t
+        t = time.perf_counter()
+        faith = _faithfulness(clf.module, x, target, maps, faithfulness_images, False, seed)
+        timings[f"{name}: faithfulness"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sanity = randomisation_check(clf.module, x[:sanity_images], target[:sanity_images], fn, seed=seed) \
+            if spec.uses_model else None
+        timings[f"{name}: sanity"] = time.perf_counter() - t
+        summary[name] = {
+            **{key: _nanmean([r[key] for r in stab]) for key in stab[0]},
+            "faithfulness": {k: float(np.mean(v)) for k, v in faith.items()}, "sanity": sanity,
+        }
+        log(f"{name}: deletion AUC {summary[name]['faithfulness']['deletion_blur']:.3f} vs random "
+            f"{summary[name]['faithfulness']['deletion_blur_random']:.3f}, noise Spearman "
+            f"{summary[name]['noise_spearman']:.2f}, sanity "
+            f"{'n/a' if not sanity or sanity['passed'] is None else 'passed' if sanity['passed'] else 'failed'}")
+    names = list(maps_by)
+    agreement = {f"{a} vs {b}": _nanmean([spearman(maps_by[a][i], maps_by[b][i]) for i in range(len(x))])
+                 for ai, a in enumerate(names) for b in names[ai + 1:]}
+    result = {"explain": str(folder), "model": args, "images": len(images), "methods": summary,
+              "agreement_between_methods": agreement, "seconds": {k: round(v, 3) for k, v in timings.items()},
+              "seed": seed}
+    out = Path(out) if out else folder / "audit"
+    write_json(out / "audit.json", result)
+    return result | {"out": str(out)}

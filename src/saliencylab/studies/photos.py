@@ -123,7 +123,8 @@ def _thumbnail(a: np.ndarray, longest: int = 320) -> np.ndarray:
 def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpec], out: str | Path, *,
             options: dict[str, dict[str, Any]] | None = None, target: str = "predicted", top: int = 5,
             batch_size: int = 4, display: DisplaySettings = DisplaySettings(), grid_rows: int = 8,
-            skip_bad: bool = False, progress: bool | None = None, command: str = "") -> ExplainResult:
+            skip_bad: bool = False, progress: bool | None = None, command: str = "",
+            model_args: dict[str, Any] | None = None) -> ExplainResult:
     """Run each method on each image; write overlays, raw maps, a figure grid and results.json under `out`.
 
     Outputs are staged and moved into `out` only when every image succeeded (or was skipped with
@@ -134,6 +135,7 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
         target: see `resolve_target` ('predicted', an index, a class name, 'positive'/'negative').
         batch_size: images per batch (sampling methods chunk further by their own batch_size).
         grid_rows: at most this many images go into figure.png (all get their own files).
+        model_args: how the model was loaded ({'model': ..., 'weights': ...}), so `audit` can reload it.
     """
     from tqdm import tqdm
 
@@ -203,6 +205,7 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
         write_json(stage / "results.json", {
             "command": command,
             "model": clf.describe(),
+            "model_args": model_args or {"model": clf.name, "weights": None},
             "target": target,
             "display": display.__dict__,
             "methods": {m.name: {"options": {**_defaults(m), **options.get(m.name, {})}, "family": m.family,
