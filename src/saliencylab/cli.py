@@ -351,6 +351,38 @@ def audit(
     typer.echo(f"wrote {result['out']}/audit.json, audit_images.csv, flagged.csv and figures")
 
 
+@app.command(epilog="Examples:  saliencylab demo  ·  saliencylab demo --quick --out runs/quick  ·  "
+                    "saliencylab demo --force")
+@friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output folder"),
+    quick: bool = typer.Option(False, "--quick", help="fewer, smaller phantoms and fewer samples (about a minute)"),
+    force: bool = typer.Option(False, "--force", help="recompute everything instead of reusing finished stages"),
+) -> None:
+    """Run the whole article on the embedded defaults: both studies, the audit, and an HTML report."""
+    from saliencylab.studies.demo import run_demo
+
+    result = run_demo(out, quick=quick, force=force, log=typer.echo)
+    h = result["headline"]
+    typer.echo(f"report: {result['report']}")
+    picks = [k for k in h if "balanced_accuracy" in k][:2] + [k for k in h if "marker_swap" in k][:1]
+    for k in picks[:3]:
+        typer.echo(f"  {k}: {h[k]:.3f}")
+
+
+@app.command(epilog="Examples:  saliencylab report runs/demo  ·  saliencylab report runs/cxr  ·  "
+                    "saliencylab report runs/explain")
+@friendly
+def report(
+    run: Path = typer.Argument(..., help="a demo folder, a training run folder, or an explain output folder"),
+) -> None:
+    """Write one self-contained report.html (images embedded, nothing fetched from the network)."""
+    from saliencylab.report.writer import write_report
+
+    path = write_report(run, command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]))
+    typer.echo(f"wrote {path}")
+
+
 @app.command("methods")
 @friendly
 def list_methods(as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:

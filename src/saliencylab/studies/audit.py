@@ -56,13 +56,15 @@ def _quiet(fn: Callable[..., float], *args: Any, **kw: Any) -> float:
 def audit(run: str | Path, *, methods: str = "vanilla,smoothgrad,integrated_gradients,gradcam", n: int = 64,
           data: str | None = None, compare: str | None = None, sanity_images: int = 8, faithfulness_images: int = 16,
           road: bool = False, data_randomisation: bool = False, seed: int = 0, batch_size: int = 16,
-          out: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+          options: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Audit a trained run's saliency maps on `n` seeded test images; write audit.json, audit_images.csv,
     flagged.csv and figures under `out` (default RUN/audit).
 
     Images stream through in batches of `batch_size`: only per-image numbers and a few thumbnails are kept,
     so memory does not grow with `n`. The sanity check and max-sensitivity use the first batch's images;
-    faithfulness curves the first `faithfulness_images`.
+    faithfulness curves the first `faithfulness_images`. `options` holds per-method keyword options
+    (e.g. {'smoothgrad': {'n_samples': 8}}).
     """
     run_dir, clf, cfg = load_run(run)
     specs = parse_methods(methods)
@@ -115,7 +117,7 @@ def audit(run: str | Path, *, methods: str = "vanilla,smoothgrad,integrated_grad
         tick("load", t)
         maps_now: dict[str, np.ndarray] = {}
         for spec in specs:
-            fn = partial(_call, spec)
+            fn = partial(_call, spec, (options or {}).get(spec.name, {}))
             acc = per_method[spec.name]
             t = time.perf_counter()
             maps = fn(model, x, target).detach().float()
@@ -230,8 +232,9 @@ def _summarise(per: list[dict[str, Any]], acc: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def _call(spec: MethodSpec, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return spec.fn(model, x, target)
+def _call(spec: MethodSpec, opts: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
+          target: torch.Tensor) -> torch.Tensor:
+    return spec.fn(model, x, target, **opts)
 
 
 def _faithfulness(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor, k: int,
@@ -429,7 +432,7 @@ def audit_explain(folder: str | Path, *, n: int = 64, sanity_images: int = 8, fa
         spec = get_method(name)
         opts = {k: v for k, v in info.get("options", {}).items() if k in spec.options()
                 and isinstance(v, (int, float, str, bool)) and not (isinstance(v, str) and v.startswith("<"))}
-        fn = partial(lambda sp, o, m, xx, tt: sp.fn(m, xx, tt, **o), spec, opts)
+        fn = partial(_call, spec, opts)
         t = time.perf_counter()
         maps = torch.cat([fn(clf.module, x[lo:lo + 8], target[lo:lo + 8]) for lo in range(0, len(x), 8)]).float()
         maps_by[name] = maps.numpy()

