@@ -38,6 +38,7 @@ def test_audit_writes_every_check(cxr_run, tmp_path):
     assert list(a["agreement_between_methods"]) == ["vanilla vs gradcam"]
     probes = a["probes"]
     assert probes["lungs_blacked_out"]["images"] == 6
+    assert 0 <= probes["lungs_blacked_out"]["auroc"] <= 1 or math.isnan(probes["lungs_blacked_out"]["auroc"])
     swap = probes["marker_swap"]
     assert swap["images"] == 6 and 0 <= swap["flips"] <= 6
     assert all(k.split(":")[0] in ("load", "agreement", "probes", "vanilla", "gradcam") for k in a["seconds"])

@@ -343,7 +343,7 @@ def audit(
     if "lungs_blacked_out" in p:
         b = p["lungs_blacked_out"]
         typer.echo(f"lungs blacked out: accuracy {b['accuracy']:.3f} (majority baseline "
-                   f"{b['majority_baseline_accuracy']:.3f})")
+                   f"{b['majority_baseline_accuracy']:.3f}), AUROC {b['auroc']:.3f} (0.5: nothing left to read)")
     if "marker_swap" in p:
         typer.echo(f"marker added vs removed: {p['marker_swap']['flips']} of {p['marker_swap']['images']} "
                    "predictions flip")
@@ -365,9 +365,12 @@ def demo(
     result = run_demo(out, quick=quick, force=force, log=typer.echo)
     h = result["headline"]
     typer.echo(f"report: {result['report']}")
-    picks = [k for k in h if "balanced_accuracy" in k][:2] + [k for k in h if "marker_swap" in k][:1]
-    for k in picks[:3]:
-        typer.echo(f"  {k}: {h[k]:.3f}")
+    lines = (("shortcut eval balanced_accuracy", "shortcut model, balanced accuracy on its own test split"),
+             ("shortcut eval-clean balanced_accuracy", "shortcut model, balanced accuracy on clean phantoms"),
+             ("shortcut marker_swap flip_rate", "shortcut model, predictions that flip with the marker"))
+    for key, words in lines:
+        if key in h:
+            typer.echo(f"  {words}: {h[key]:.3f}")
 
 
 @app.command(epilog="Examples:  saliencylab report runs/demo  ·  saliencylab report runs/cxr  ·  "

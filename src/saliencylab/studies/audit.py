@@ -281,8 +281,11 @@ def _probe_batch(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, lu
     """Shortcut probes for one batch: predictions with the lungs blacked out (Maguolo & Nanni 2021,
     https://doi.org/10.1016/j.inffus.2021.04.008) and, on phantoms, with the marker added and removed."""
     def predict(batch: torch.Tensor) -> np.ndarray:
+        return (probability(batch) >= 0.5).astype(int)
+
+    def probability(batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            return (model(batch)[:, 0] > 0).numpy().astype(int)
+            return torch.sigmoid(model(batch)[:, 0]).double().numpy()
 
     acc["labels"] += labels.tolist()
     acc["base"] += predict(x).tolist()
@@ -291,7 +294,7 @@ def _probe_batch(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, lu
         blacked = x[have].clone()
         for j, i in enumerate(have):
             blacked[j, :, torch.from_numpy(lungs[i])] = 0.0
-        acc["blacked"] += predict(blacked).tolist()
+        acc["blacked"] += probability(blacked).tolist()
         acc["blacked_labels"] += labels[have].tolist()
     seeds = [meta.get(r.file, {}).get("seed") for r in recs]
     if not meta or any(sd in (None, "") for sd in seeds):
@@ -327,8 +330,11 @@ def _probe_summary(acc: dict[str, list]) -> dict[str, Any]:
     if acc["blacked"]:
         bl = np.array(acc["blacked_labels"])
         m = binary_metrics(bl, np.array(acc["blacked"], dtype=float), n_boot=200)
+        # blacking out moves every probability, so besides accuracy at 0.5 the AUROC tells whether the rest of
+        # the image still separates the classes (0.5: it does not)
         out["lungs_blacked_out"] = {"images": len(bl), "accuracy": m["accuracy"]["value"],
-                                    "balanced_accuracy": m["balanced_accuracy"]["value"],
+                                    "balanced_accuracy": m["balanced_accuracy"]["value"], "auroc": m["auroc"]["value"],
+                                    "auroc_ci": [m["auroc"]["ci_low"], m["auroc"]["ci_high"]],
                                     "majority_baseline_accuracy": m["majority_baseline"]["accuracy"]}
     if acc["with"]:
         w, wo = np.array(acc["with"]), np.array(acc["without"])
