@@ -320,6 +320,7 @@ def audit(
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="images per batch (memory stays flat in --n)"),
     out: Path = typer.Option(None, "--out", help="output folder (default: RUN/audit)"),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
 ) -> None:
     """Measure whether the saliency maps can be trusted: localisation, sanity, faithfulness, stability, probes.
 
@@ -338,7 +339,7 @@ def audit(
     result = run_audit(run, methods=methods, n=n, data=str(data) if data else None,
                        compare=str(compare) if compare else None, sanity_images=sanity_images,
                        faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,
-                       seed=seed, batch_size=batch_size, out=out, log=typer.echo)
+                       seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo)
     p = result["probes"]
     if "lungs_blacked_out" in p:
         b = p["lungs_blacked_out"]
@@ -358,11 +359,12 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output folder"),
     quick: bool = typer.Option(False, "--quick", help="fewer, smaller phantoms and fewer samples (about a minute)"),
     force: bool = typer.Option(False, "--force", help="recompute everything instead of reusing finished stages"),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
     """Run the whole article on the embedded defaults: both studies, the audit, and an HTML report."""
     from saliencylab.studies.demo import run_demo
 
-    result = run_demo(out, quick=quick, force=force, log=typer.echo)
+    result = run_demo(out, quick=quick, force=force, progress=progress, log=typer.echo)
     h = result["headline"]
     typer.echo(f"report: {result['report']}")
     lines = (("shortcut eval balanced_accuracy", "shortcut model, balanced accuracy on its own test split"),

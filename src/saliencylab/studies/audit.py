@@ -57,7 +57,7 @@ def audit(run: str | Path, *, methods: str = "vanilla,smoothgrad,integrated_grad
           data: str | None = None, compare: str | None = None, sanity_images: int = 8, faithfulness_images: int = 16,
           road: bool = False, data_randomisation: bool = False, seed: int = 0, batch_size: int = 16,
           options: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          progress: bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Audit a trained run's saliency maps on `n` seeded test images; write audit.json, audit_images.csv,
     flagged.csv and figures under `out` (default RUN/audit).
 
@@ -98,7 +98,12 @@ def audit(run: str | Path, *, methods: str = "vanilla,smoothgrad,integrated_grad
     def tick(key: str, t: float) -> None:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(chosen), unit="img", desc="audit", leave=False,
+               disable=None if progress is None else not progress)
     for lo in range(0, len(chosen), batch_size):
+        bar.update(len(chosen[lo:lo + batch_size]))
         t = time.perf_counter()
         recs = chosen[lo:lo + batch_size]
         cache, bad = decode_cache(ds, recs, size, workers=1, progress=False)
@@ -144,6 +149,8 @@ def audit(run: str | Path, *, methods: str = "vanilla,smoothgrad,integrated_grad
             if lo == 0:
                 k = min(sanity_images, len(recs))
                 acc["sanity"] = randomisation_check(model, x[:k], target[:k], fn, seed=seed)
+                acc["sanity_independent"] = randomisation_check(model, x[:k], target[:k], fn, seed=seed,
+                                                                mode="independent")
             if shuffled is not None:
                 other_maps = fn(shuffled, x, target).detach().float().numpy()
                 acc["shuffled"] += [spearman(maps_np[i], other_maps[i]) for i in range(len(recs))]
@@ -168,6 +175,7 @@ def audit(run: str | Path, *, methods: str = "vanilla,smoothgrad,integrated_grad
         _probe_batch(model, x, labels, lungs, recs, meta, root, size, probe_acc)
         tick("probes", t)
 
+    bar.close()
     if not rows:
         raise UserError(f"no readable test image in '{root}'; check the dataset")
     summary = {spec.name: _summarise([r for r in rows if r["method"] == spec.name], per_method[spec.name])
@@ -224,7 +232,7 @@ def _summarise(per: list[dict[str, Any]], acc: dict[str, Any]) -> dict[str, Any]
         "max_sensitivity": _nanmean(acc["sens"]),
         "faithfulness": {k: float(np.mean(v)) for k, v in faith.items()},
         "faithfulness_images": len(next(iter(faith.values()), [])),
-        "sanity": acc["sanity"],
+        "sanity": acc["sanity"], "sanity_independent": acc.get("sanity_independent"),
         "flagged": [r["file"] for r in per if r["lung_mass"] < 0.5],
     }
     if acc["shuffled"]:
@@ -280,21 +288,13 @@ def _probe_batch(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, lu
                  meta: dict[str, dict[str, str]], root: Path, size: int, acc: dict[str, list]) -> None:
     """Shortcut probes for one batch: predictions with the lungs blacked out (Maguolo & Nanni 2021,
     https://doi.org/10.1016/j.inffus.2021.04.008) and, on phantoms, with the marker added and removed."""
-    def predict(batch: torch.Tensor) -> np.ndarray:
-        return (probability(batch) >= 0.5).astype(int)
-
-    def probability(batch: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return torch.sigmoid(model(batch)[:, 0]).double().numpy()
+    from saliencylab.metrics.probes import blacked_out, positive_probability
 
     acc["labels"] += labels.tolist()
-    acc["base"] += predict(x).tolist()
+    acc["base"] += (positive_probability(model, x) >= 0.5).astype(int).tolist()
     have = [i for i, m in enumerate(lungs) if m is not None]
     if have:
-        blacked = x[have].clone()
-        for j, i in enumerate(have):
-            blacked[j, :, torch.from_numpy(lungs[i])] = 0.0
-        acc["blacked"] += probability(blacked).tolist()
+        acc["blacked"] += positive_probability(model, blacked_out(x[have], [lungs[i] for i in have])).tolist()
         acc["blacked_labels"] += labels[have].tolist()
     seeds = [meta.get(r.file, {}).get("seed") for r in recs]
     if not meta or any(sd in (None, "") for sd in seeds):
@@ -312,7 +312,7 @@ def _probe_batch(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, lu
             img = Image.fromarray((ph.image * 255 + 0.5).astype(np.uint8)).resize((size, size), Image.BILINEAR)
             arrs.append(np.asarray(img))
         batch = torch.from_numpy(np.stack(arrs)).float().div(255).unsqueeze(1).expand(-1, x.shape[1], -1, -1)
-        acc[key] += predict(batch.contiguous()).tolist()
+        acc[key] += positive_probability(model, batch.contiguous()).tolist()
 
 
 def _phantom_settings(root: Path) -> dict[str, Any]:
@@ -337,12 +337,15 @@ def _probe_summary(acc: dict[str, list]) -> dict[str, Any]:
                                     "auroc_ci": [m["auroc"]["ci_low"], m["auroc"]["ci_high"]],
                                     "majority_baseline_accuracy": m["majority_baseline"]["accuracy"]}
     if acc["with"]:
+        from saliencylab.metrics.probes import flips
+
         w, wo = np.array(acc["with"]), np.array(acc["without"])
+        f = flips(w, wo)
         out["marker_swap"] = {
-            "images": len(w), "flips": int((w != wo).sum()), "flip_rate": float((w != wo).mean()),
-            "positive_rate_with_marker": float(w.mean()), "positive_rate_without_marker": float(wo.mean()),
-            "accuracy_with_marker": float((w == labels).mean()),
-            "accuracy_without_marker": float((wo == labels).mean()),
+            "images": f["images"], "flips": f["flips"], "flip_rate": f["flip_rate"],
+            "positive_rate_with_marker": f["positive_rate_a"], "positive_rate_without_marker": f["positive_rate_b"],
+            "accuracy_with_marker": float(((w >= 0.5) == labels).mean()),
+            "accuracy_without_marker": float(((wo >= 0.5) == labels).mean()),
         }
     return out
 

@@ -48,9 +48,13 @@ class DemoConfig:
                           sanity_images=4, faithfulness_images=3, smoothgrad_samples=4, ig_steps=8, lesion_scale=2.0)
 
 
-def run_demo(out: str | Path, *, quick: bool = False, force: bool = False,
+def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progress: bool | None = None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage into `out`; return the headline numbers and the report's path."""
+    """Run every stage into `out`; return the headline numbers and the report's path.
+
+    Args:
+        progress: progress bars inside long stages (None: only on a terminal).
+    """
     from saliencylab.data.phantoms import PhantomConfig, generate
     from saliencylab.methods import parse_methods
     from saliencylab.models import load_model
@@ -96,33 +100,33 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False,
         write_json(out / "study1" / "classify.json", {"model": clf.describe(),
                                                       "images": list(classify(clf, sources, k=5))})
         specs = parse_methods("vanilla,smoothgrad,integrated_gradients,gradcam,spectral_residual")
-        explain(clf, sources, specs, out / "study1" / "explain", progress=False, options=method_options,
+        explain(clf, sources, specs, out / "study1" / "explain", progress=progress, options=method_options,
                 model_args={"model": "efficientnet_lite0", "weights": None})
 
     def phantoms(name: str, rates: dict[str, float]) -> Callable[[], None]:
         def fn() -> None:
             generate(PhantomConfig(n_covid=cfg.n_covid, n_normal=cfg.n_normal, size=cfg.phantom_size, seed=cfg.seed,
                                    marker_rate=rates, lesion_scale=cfg.lesion_scale), out / "data" / name,
-                     progress=False)
+                     progress=progress)
         return fn
 
     def fit(name: str, data: str) -> Callable[[], None]:
         def fn() -> None:
             train(TrainConfig(data=str(out / "data" / data), epochs=cfg.epochs, image_size=cfg.image_size,
-                              seed=cfg.seed), out / "runs" / name, progress=False, log=lambda *_: None)
+                              seed=cfg.seed), out / "runs" / name, progress=progress, log=lambda *_: None)
         return fn
 
     def test(name: str, data: str | None, label: str) -> Callable[[], None]:
         def fn() -> None:
             evaluate(out / "runs" / name, data=str(out / "data" / data) if data else None,
-                     out=out / "runs" / name / label, progress=False, seed=cfg.seed)
+                     out=out / "runs" / name / label, progress=progress, seed=cfg.seed)
         return fn
 
     def check(name: str, other: str) -> Callable[[], None]:
         def fn() -> None:
             audit(out / "runs" / name, n=cfg.audit_images, compare=str(out / "runs" / other),
                   sanity_images=cfg.sanity_images, faithfulness_images=cfg.faithfulness_images, seed=cfg.seed,
-                  options=method_options, log=lambda *_: None)
+                  options=method_options, progress=progress, log=lambda *_: None)
         return fn
 
     stage("study 1: photos", study1)
