@@ -24,7 +24,7 @@ def _per_axis(value: int | tuple[int, ...], n: int, what: str) -> tuple[int, ...
                  paper="Zeiler & Fergus 2014, https://arxiv.org/abs/1311.2901")
 def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window: int | tuple[int, ...] = 32,
               stride: int | tuple[int, ...] = 16, baseline: str | float | torch.Tensor = 0.0,
-              batch_size: int | None = 64) -> torch.Tensor:
+              batch_size: int | None = None) -> torch.Tensor:
     """Drop in the target score when a window (all channels) is replaced by the baseline, averaged per pixel.
 
     Windows slide over every spatial axis; a pixel's value is the mean drop over the windows that cover it
@@ -34,7 +34,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
         window: window size in pixels, one or per axis.
         stride: step between windows, one or per axis.
         baseline: the fill, see `make_baseline` (default 0, black).
-        batch_size: most perturbed images per forward pass.
+        batch_size: most perturbed images per forward pass (None: one window position for the whole batch
+            per pass; on a CPU that measured 1.7x faster than passes of 64 images).
 
     Returns:
         [B, *spatial], signed (positive: hiding it lowers the score).
@@ -69,7 +70,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
 @register_method("rise", family="perturbation", paper="Petsiuk, Das & Saenko 2018, https://arxiv.org/abs/1806.07421",
                  display="minmax")
 def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: int = 1000, grid: int = 7,
-         p_keep: float = 0.5, batch_size: int | None = 64, seed: int = 0) -> torch.Tensor:
+         p_keep: float = 0.5, batch_size: int | None = None, seed: int = 0) -> torch.Tensor:
     """Randomised input sampling: the mask-weighted mean of the target probability over random soft masks.
 
     Masks are binary `grid`^d cells kept with probability `p_keep`, upsampled linearly and shifted by a
@@ -79,7 +80,7 @@ def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: in
         n_masks: number of masks (the paper uses 4,000-8,000 for ResNet-50; fewer is noisier).
         grid: cells per axis of the low-resolution mask.
         p_keep: probability that a cell is kept.
-        batch_size: most masked images per forward pass.
+        batch_size: most masked images per forward pass (None: one mask for the whole batch per pass).
         seed: the masks come from a generator seeded with it.
 
     Returns:
