@@ -21,6 +21,7 @@ from saliencylab.data.datasets import Dataset, Record, load_dataset, make_split,
 from saliencylab.errors import UserError
 from saliencylab.fsutil import atomic_path, write_json, write_text
 from saliencylab.models.registry import Classifier, load_model, save_checkpoint
+from saliencylab.render.figures import save_figure
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,4 @@ def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
     b.plot(ep, [h["val_acc"] for h in history], "o-", label="validation")
     b.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     a.legend()
-    fig.tight_layout()
-    with atomic_path(out / "history.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "history.png")

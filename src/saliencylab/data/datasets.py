@@ -139,6 +139,17 @@ def _attach_groups(root: Path, records: list[Record], column: str) -> list[Recor
     return [Record(r.file, r.label, r.cls, r.mask, r.lesions, by_file.get(r.file, r.file)) for r in records]
 
 
+def load_mask(root: str | Path, rel: str | None, size: int) -> np.ndarray | None:
+    """A mask file (relative to the dataset root) as bool (size, size), resized with nearest neighbour;
+    None when there is no mask."""
+    if not rel:
+        return None
+    from PIL import Image
+
+    m = Image.open(Path(root) / rel).convert("L").resize((size, size), Image.NEAREST)
+    return np.asarray(m) > 127
+
+
 def read_metadata(root: str | Path) -> dict[str, dict[str, str]]:
     """Phantom metadata (file -> row), or {} when the dataset has none."""
     meta = Path(root) / "metadata.csv"

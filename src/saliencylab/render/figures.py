@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,19 @@ class GridRow:
     maps: Sequence[np.ndarray]
 
 
+def save_figure(fig: Any, path: str | os.PathLike, *, tight: bool = True) -> None:
+    """Save a matplotlib figure as PNG atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    from saliencylab.fsutil import atomic_path
+
+    if tight:
+        fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def saliency_grid(rows: Sequence[GridRow], columns: Sequence[str], path: str | os.PathLike, *,
                   alpha: float = 0.5, cmap: str | None = None, cell_inches: float = 2.4) -> None:
     """Draw the original plus one overlay per method for each row, with a shared colour bar; save as PNG.
@@ -33,8 +47,6 @@ def saliency_grid(rows: Sequence[GridRow], columns: Sequence[str], path: str | o
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from saliencylab.fsutil import atomic_path
 
     n_rows, n_cols = len(rows), len(columns) + 1
     aspect = float(np.mean([r.image.shape[0] / r.image.shape[1] for r in rows])) if rows else 1.0
@@ -57,6 +69,4 @@ def saliency_grid(rows: Sequence[GridRow], columns: Sequence[str], path: str | o
     cax = fig.add_axes((0.95, 0.15, 0.012, 0.7))
     norm = matplotlib.colors.Normalize(-1 if signed else 0, 1)
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, label="normalised saliency")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, tight=False)

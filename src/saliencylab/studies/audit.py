@@ -20,24 +20,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from saliencylab.data.datasets import Record, load_dataset, read_metadata, read_split
+from saliencylab.data.datasets import Record, load_dataset, load_mask, read_metadata, read_split
 from saliencylab.errors import UserError
-from saliencylab.fsutil import atomic_path, write_json, write_text
+from saliencylab.fsutil import write_json, write_text
 from saliencylab.methods import MethodSpec, parse_methods
 from saliencylab.metrics.faithfulness import area, removal_curve
 from saliencylab.metrics.localisation import border_mask, box_mask, corner_mask, mass_inside, otsu_iou, pointing_game
 from saliencylab.metrics.sanity import randomisation_check
 from saliencylab.metrics.similarity import spearman
 from saliencylab.metrics.stability import max_sensitivity, stability
+from saliencylab.render.figures import save_figure
 from saliencylab.studies.cxr import load_run
-from saliencylab.train import decode_cache, evaluate_logits
-
-
-def _mask(root: Path, rel: str | None, size: int) -> np.ndarray | None:
-    if not rel:
-        return None
-    m = Image.open(root / rel).convert("L").resize((size, size), Image.NEAREST)
-    return np.asarray(m) > 127
+from saliencylab.train import decode_cache, evaluate_logits, to_batch
 
 
 def _nanmean(values: list[float]) -> float:
@@ -112,9 +106,9 @@ def audit(run: str | Path, *, methods: str = "vanilla,smoothgrad,integrated_grad
         recs, cache = [recs[i] for i in ok], cache[ok]
         if not recs:
             continue
-        x = torch.from_numpy(cache).float().div(255).unsqueeze(1).expand(-1, clf.channels, -1, -1).contiguous()
-        lungs = [_mask(root, r.mask, size) for r in recs]
-        lesions = [_mask(root, r.lesions, size) for r in recs]
+        x = to_batch(cache, np.arange(len(recs)), clf.channels).contiguous()
+        lungs = [load_mask(root, r.mask, size) for r in recs]
+        lesions = [load_mask(root, r.lesions, size) for r in recs]
         markers = [_marker(meta.get(r.file, {}), size, src_size) for r in recs]
         labels = np.array([r.label for r in recs])
         probs = 1 / (1 + np.exp(-evaluate_logits(clf, cache, np.arange(len(recs))).astype(np.float64)))
@@ -311,8 +305,8 @@ def _probe_batch(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, lu
                       lesion_scale=float(settings.get("lesion_scale", 1.0)))
             img = Image.fromarray((ph.image * 255 + 0.5).astype(np.uint8)).resize((size, size), Image.BILINEAR)
             arrs.append(np.asarray(img))
-        batch = torch.from_numpy(np.stack(arrs)).float().div(255).unsqueeze(1).expand(-1, x.shape[1], -1, -1)
-        acc[key] += positive_probability(model, batch.contiguous()).tolist()
+        batch = to_batch(np.stack(arrs), np.arange(len(arrs)), x.shape[1]).contiguous()
+        acc[key] += positive_probability(model, batch).tolist()
 
 
 def _phantom_settings(root: Path) -> dict[str, Any]:
@@ -369,12 +363,6 @@ def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]
     write_text(out / "flagged.csv", "file,methods\n" + "".join(
         f"{f},{' '.join(m for m, s in result['methods'].items() if f in s['flagged'])}\n" for f in flagged))
 
-    def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-
     names = list(result["methods"])
     s = result["methods"]
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.4))
@@ -385,7 +373,7 @@ def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title("localisation against anatomy")
-    save(fig, "localisation.png")
+    save_figure(fig, out / "localisation.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for n in names:
@@ -397,7 +385,7 @@ def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]
     ax.set(xlabel="layers randomised (from the output down)", ylabel="SSIM to the original map",
            title="cascading randomisation")
     ax.legend(fontsize=8)
-    save(fig, "sanity.png")
+    save_figure(fig, out / "sanity.png")
 
     if thumbs:
         fig, axes = plt.subplots(1, len(thumbs), figsize=(2.2 * len(thumbs), 2.6), squeeze=False)
@@ -409,7 +397,7 @@ def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]
             ax.set_title(f"{Path(file).name}\np={p:.2f}", fontsize=7)
             ax.axis("off")
         fig.suptitle(f"flagged: most {first} saliency outside the lungs", fontsize=9)
-        save(fig, "flagged.png")
+        save_figure(fig, out / "flagged.png")
 
 
 def audit_explain(folder: str | Path, *, n: int = 64, sanity_images: int = 8, faithfulness_images: int = 16,

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from saliencylab.data.datasets import load_dataset, read_split
+from saliencylab.data.datasets import load_dataset, load_mask, read_split
 from saliencylab.errors import UserError
-from saliencylab.fsutil import atomic_path, write_json, write_text
+from saliencylab.fsutil import write_json, write_text
 from saliencylab.metrics.classification import binary_metrics, in_words
 from saliencylab.models.registry import Classifier, load_checkpoint
-from saliencylab.train import decode_cache, evaluate_logits
+from saliencylab.render.figures import save_figure
+from saliencylab.train import decode_cache, evaluate_logits, to_batch
 
 
 def load_run(run: str | Path) -> tuple[Path, Classifier, dict[str, Any]]:
@@ -85,12 +86,6 @@ def _plots(out: Path, labels: np.ndarray, probs: np.ndarray, metrics: dict[str, 
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-
     if len(np.unique(labels)) == 2:
         fpr, tpr, _ = roc_curve(labels, probs)
         fig, ax = plt.subplots(figsize=(4.2, 4))
@@ -99,7 +94,7 @@ def _plots(out: Path, labels: np.ndarray, probs: np.ndarray, metrics: dict[str, 
         ax.plot([0, 1], [0, 1], "--", color="gray", label="chance")
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC curve")
         ax.legend(loc="lower right")
-        save(fig, "roc.png")
+        save_figure(fig, out / "roc.png")
     c = metrics["confusion"]
     mat = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
     fig, ax = plt.subplots(figsize=(4, 3.6))
@@ -109,7 +104,7 @@ def _plots(out: Path, labels: np.ndarray, probs: np.ndarray, metrics: dict[str, 
     ax.set_xticks([0, 1], [f"pred. {classes[0]}", f"pred. {classes[1]}"])
     ax.set_yticks([0, 1], [classes[0], classes[1]])
     ax.set_title("confusion matrix")
-    save(fig, "confusion.png")
+    save_figure(fig, out / "confusion.png")
     fig, ax = plt.subplots(figsize=(5, 3.4))
     bins = np.linspace(0, 1, 26)
     for lab, name in enumerate(classes):
@@ -117,13 +112,12 @@ def _plots(out: Path, labels: np.ndarray, probs: np.ndarray, metrics: dict[str, 
     ax.axvline(metrics["threshold"], color="k", ls="--", lw=1)
     ax.set(xlabel=f"predicted probability of {classes[1]}", ylabel="images", title="probabilities by class")
     ax.legend()
-    save(fig, "histograms.png")
+    save_figure(fig, out / "histograms.png")
 
 
 def figure_3(clf: Classifier, root: Path, records: list, cache: np.ndarray, probs: np.ndarray, out: Path, *,
              methods: str, n_per_side: int, low: float, high: float, seed: int) -> dict[str, Any]:
     """Saliency for test images predicted near 0 and near 1 (the article's Figure 3), lung contour on top."""
-    from PIL import Image
 
     from saliencylab.methods import parse_methods, resolve_target
     from saliencylab.render import normalise, overlay, smooth
@@ -135,7 +129,7 @@ def figure_3(clf: Classifier, root: Path, records: list, cache: np.ndarray, prob
     chosen += [int(i) for i in rng.permutation(high_idx)[:n_per_side]]
     if not chosen:
         return {"images": [], "note": f"no test image predicted <= {low} or >= {high}"}
-    x = torch.from_numpy(cache[chosen]).float().div(255).unsqueeze(1).expand(-1, clf.channels, -1, -1).contiguous()
+    x = to_batch(cache, np.array(chosen), clf.channels).contiguous()
     side = torch.tensor([0 if probs[i] <= low else 1 for i in chosen])
     target = resolve_target(clf.module, x, side)
     maps = {s.name: s.fn(clf.module, x, target).detach().numpy() for s in specs}
@@ -151,10 +145,8 @@ def figure_3(clf: Classifier, root: Path, records: list, cache: np.ndarray, prob
     for r, i in enumerate(chosen):
         rec = records[i]
         img = cache[i].astype(np.float32) / 255
-        contour = None
-        if rec.mask:
-            m = Image.open(root / rec.mask).convert("L").resize(img.shape[::-1], Image.NEAREST)
-            contour = find_boundaries(np.asarray(m) > 127)
+        lung = load_mask(root, rec.mask, img.shape[0])
+        contour = find_boundaries(lung) if lung is not None else None
         name = "COVID" if rec.label else "Normal"
         axes[r, 0].imshow(img, cmap="gray")
         axes[r, 0].set_title(f"{Path(rec.file).name}\n{name}, p={probs[i]:.3f}", fontsize=8)
@@ -173,10 +165,7 @@ def figure_3(clf: Classifier, root: Path, records: list, cache: np.ndarray, prob
                      "explained": clf.class_names[int(target[r])]})
     fig.suptitle("Saliency for test images predicted near 0 (top) and near 1 (bottom); green: lung mask",
                  fontsize=10)
-    fig.tight_layout()
-    with atomic_path(out / "figure3.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "figure3.png")
     return {"images": info, "methods": [s.name for s in specs], "png": "figure3.png"}
 
 
