@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from saliencylab.methods._common import eval_mode, target_probability
-from saliencylab.metrics._common import at_least, choice, non_finite, undefined
+from saliencylab.metrics._common import MetricOptionError, at_least, choice, non_finite, undefined
 from saliencylab.ops import gaussian_blur
 
 Mode = Literal["deletion", "insertion"]
@@ -151,3 +151,89 @@ def area(curve: np.ndarray) -> float:
         raise ValueError("area: the curve is empty")
     return float(np.trapezoid(curve, dx=1.0 / (len(curve) - 1))) if len(curve) > 1 else float(curve[0])
 
+
+Baseline = Literal["black", "mean", "blur"]
+Score = Literal["logit", "probability"]
+BASELINES: tuple[str, ...] = ("black", "mean", "blur")
+SCORES: tuple[str, ...] = ("logit", "probability")
+
+
+def faithfulness_correlation(model: nn.Module, x: torch.Tensor, target: torch.Tensor, saliency: torch.Tensor, *,
+                             n_subsets: int = 100, subset_size: int | None = None, baseline: Baseline = "black",
+                             score: Score = "logit", blur_sigma: float = 0.05, seed: int = 0,
+                             batch_size: int = 64) -> np.ndarray:
+    """Faithfulness correlation (Bhatt, Weller & Moura 2020, https://arxiv.org/abs/2005.00631): the Pearson
+    correlation, over random pixel subsets S, between the map's sum over S and the drop of the target's
+    score when the pixels of S (all channels) are replaced by a baseline.
+
+    Args:
+        x: (B, C, H, W) images in [0, 1]; target: (B,); saliency: (B, H, W) maps (signed maps are summed
+            with their sign, as the paper does).
+        n_subsets: subsets per image (at least 2).
+        subset_size: pixels per subset; None is H W / 224 (224 pixels at 224 x 224, Quantus's default).
+        baseline: 'black' (0), 'mean' (each channel's mean over the image) or 'blur' (a Gaussian of
+            blur_sigma x the side).
+        score: the target's 'logit' (for a single-logit model, the logit or its negation) or 'probability'.
+        seed: the subsets come from a CPU generator seeded with it; every image gets the same subsets, so the
+            result does not depend on the batch.
+
+    Returns:
+        (B,) float64 in [-1, 1]; 1 when every subset's attribution sum predicts its score drop linearly,
+        about 0 for a map unrelated to the model (the chance level). NaN (with an `UndefinedMetric` warning)
+        for an image whose subset sums or score drops do not vary (a constant map, a model that ignores the
+        pixels) or whose map holds NaN.
+    """
+    from saliencylab.methods._common import target_score
+
+    choice("faithfulness_correlation", "baseline", baseline, BASELINES)
+    choice("faithfulness_correlation", "score", score, SCORES)
+    at_least("faithfulness_correlation", "n_subsets", n_subsets, 2)
+    at_least("faithfulness_correlation", "batch_size", batch_size, 1)
+    b, c, h, w = x.shape
+    if tuple(saliency.shape) != (b, h, w):
+        raise ValueError(f"faithfulness_correlation: saliency has shape {tuple(saliency.shape)}; expected "
+                         f"{(b, h, w)}")
+    n = h * w
+    size = max(1, round(n / 224)) if subset_size is None else int(subset_size)
+    if not 1 <= size <= n:
+        raise MetricOptionError(f"faithfulness_correlation: subset_size must be between 1 and {n}; got {size}")
+    gen = torch.Generator().manual_seed(seed)
+    subsets = torch.zeros(n_subsets, n, dtype=torch.bool)
+    for k in range(n_subsets):
+        subsets[k, torch.randperm(n, generator=gen)[:size]] = True
+    sal = saliency.detach().double().cpu().reshape(b, n)
+    sums = (sal[:, None, :] * subsets[None]).sum(-1)  # (B, n_subsets)
+    if baseline == "black":
+        fill = torch.zeros_like(x)
+    elif baseline == "mean":
+        fill = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    else:
+        fill = gaussian_blur(x, blur_sigma * max(h, w))
+    masks = subsets.view(n_subsets, 1, h, w).to(x.device)
+
+    def scores(imgs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = model(imgs)
+        return (target_score(logits, t) if score == "logit" else target_probability(logits, t)).double().cpu()
+
+    drops = torch.zeros(b, n_subsets, dtype=torch.float64)
+    with eval_mode(model), torch.inference_mode():
+        full = scores(x, target)
+        for i in range(b):
+            for lo in range(0, n_subsets, batch_size):
+                m = masks[lo:lo + batch_size]  # (k, 1, H, W)
+                imgs = torch.where(m, fill[i], x[i])  # (k, C, H, W)
+                drops[i, lo:lo + len(m)] = full[i] - scores(imgs, target[i].reshape(1).repeat(len(m)))
+    out = np.full(b, np.nan)
+    for i in range(b):
+        s, d = sums[i].numpy(), drops[i].numpy()
+        reason = non_finite(s)
+        if reason:
+            undefined(f"faithfulness_correlation: {reason}", stacklevel=2)
+        elif np.ptp(s) == 0:
+            undefined("faithfulness_correlation: the map's subset sums do not vary (a constant map?)", stacklevel=2)
+        elif np.ptp(d) == 0:
+            undefined("faithfulness_correlation: the score drops do not vary: the model ignores the removed pixels",
+                      stacklevel=2)
+        else:
+            out[i] = float(np.corrcoef(s, d)[0, 1])
+    return out

@@ -26,8 +26,8 @@ from saliencylab.metrics._common import (
 )
 
 __all__ = ["UndefinedMetric", "mass_inside", "relevance_mass_positive", "absolute_mass", "mass_scores",
-           "default_tolerance", "pointing_game", "pointing_chance", "pointing_scores",
-           "otsu_iou", "border_mask", "corner_mask", "box_mask"]
+           "default_tolerance", "pointing_game", "pointing_chance", "pointing_scores", "relevance_rank_accuracy",
+           "mask_auroc", "otsu_iou", "border_mask", "corner_mask", "box_mask"]
 
 Sign = Literal["abs", "positive"]
 RankSign = Literal["abs", "positive", "signed"]
@@ -160,6 +160,51 @@ def pointing_scores(m: np.ndarray, mask: np.ndarray, *, tolerance: float | None 
     tol = default_tolerance(np.shape(mask)) if tolerance is None else float(tolerance)
     return {"hit": pointing_game(m, mask, tolerance=tol, sign=sign),
             "chance": pointing_chance(mask, tolerance=tol), "tolerance": tol}
+
+
+@nan_if_undefined
+def relevance_rank_accuracy(m: np.ndarray, mask: np.ndarray, *, sign: RankSign = "abs") -> float:
+    """Relevance rank accuracy (Arras, Osman & Samek 2022, https://doi.org/10.1016/j.inffus.2021.11.008):
+    with K the mask's pixel count, the share of the map's K highest pixels that lie inside the mask.
+
+    Threshold-free localisation in [0, 1]; chance level K / (H W), the mask's share (a map equal to the mask
+    scores 1). Ties at the K-th value count fractionally (the expected score under random tie-breaking).
+    NaN when the mask is empty or the map is constant (it ranks no pixel above another) or non-finite.
+    """
+    a, mask = _inputs("relevance_rank_accuracy", m, mask, sign, RANK_SIGNS)
+    a = a.ravel()
+    if a.min() == a.max():
+        raise Undefined("relevance_rank_accuracy: the map is constant: it ranks no pixel above another")
+    inside = mask.ravel()
+    k = int(inside.sum())
+    kth = np.partition(a, a.size - k)[a.size - k]  # the K-th largest value
+    above, tied = a > kth, a == kth
+    from_ties = (k - above.sum()) * (tied & inside).sum() / tied.sum()
+    return float(((above & inside).sum() + from_ties) / k)
+
+
+@nan_if_undefined
+def mask_auroc(m: np.ndarray, mask: np.ndarray, *, sign: RankSign = "abs") -> float:
+    """Area under the ROC curve of the map's values as a pixel classifier of the mask (threshold-free
+    localisation, as Quantus's AUC metric and Arras et al.'s rank view): the probability that a random pixel
+    inside the mask outranks a random pixel outside it (ties count half).
+
+    Returns:
+        In [0, 1]; chance 0.5, a map equal to the mask scores 1. NaN when the mask is empty or covers the
+        whole image (no pixel outside), or the map is constant or non-finite.
+    """
+    from scipy.stats import rankdata
+
+    a, mask = _inputs("mask_auroc", m, mask, sign, RANK_SIGNS)
+    if mask.all():
+        raise Undefined("mask_auroc: the mask covers the whole image: no pixel outside to rank against")
+    a = a.ravel()
+    if a.min() == a.max():
+        raise Undefined("mask_auroc: the map is constant: it ranks no pixel above another")
+    inside = mask.ravel()
+    pos, neg = int(inside.sum()), int((~inside).sum())
+    ranks = rankdata(a)  # average ranks for ties (Mann-Whitney U)
+    return float((ranks[inside].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 def border_mask(shape: tuple[int, int], fraction: float = 0.1) -> np.ndarray:
