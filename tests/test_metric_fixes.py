@@ -265,3 +265,10 @@ def test_bottom_up_randomises_from_the_input_layer():
     x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     res = randomisation_check(model, x, torch.zeros(3, dtype=torch.long), vanilla, order="bottom_up")
     assert [s["layer"] for s in res["steps"]] == ["conv1", "conv2", "fc"]
+
+
+def test_stability_shift_larger_than_the_image_is_refused():
+    model = LinearModel(torch.ones(2, 1, 6, 6))
+    x = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="shift must be below half the image side"):
+        stability(model, x, torch.tensor([1]), vanilla, shift=3)  # nothing left to compare

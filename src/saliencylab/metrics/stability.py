@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from saliencylab.metrics._common import at_least, undefined
+from saliencylab.metrics._common import MetricOptionError, at_least, undefined
 from saliencylab.metrics.similarity import spearman, ssim
 
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,6 +31,9 @@ def stability(model: nn.Module, x: torch.Tensor, target: torch.Tensor, method: M
     """
     at_least("stability", "noise", noise, 0.0)
     at_least("stability", "shift", shift, 0)
+    if 2 * shift >= min(x.shape[-2:]):
+        raise MetricOptionError(f"stability: shift must be below half the image side ({min(x.shape[-2:])} px); "
+                                f"got {shift}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     base = (maps if maps is not None else method(model, x, target)).detach().float().cpu().numpy()
     noisy_x = (x + noise * torch.randn(x.shape, generator=gen).to(x)).clamp(0, 1)
