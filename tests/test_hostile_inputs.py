@@ -101,6 +101,17 @@ def test_unwritable_output_location_is_refused_first(tmp_path, monkeypatch, comm
     assert not bad.exists()
 
 
+@pytest.mark.parametrize("command", ["evaluate", "audit", "report"])
+def test_unwritable_run_folder_is_refused_when_outputs_default_into_it(tmp_path, monkeypatch, command):
+    import saliencylab.fsutil as fsutil
+
+    locked = tmp_path / "run"
+    locked.mkdir()
+    monkeypatch.setattr(fsutil, "_writable", lambda p: Path(p) != locked)
+    _one_line_error(run(command, locked), "RUN", str(locked), "cannot write")
+    assert _tree(tmp_path) == ["run"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 def test_unwritable_output_folder_for_real(tmp_path):
     locked = tmp_path / "locked"

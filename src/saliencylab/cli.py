@@ -306,6 +306,8 @@ def evaluate(
     parse_methods(methods)
     if out is not None:
         check_output_dir(out, "--out")
+    elif run.is_dir():
+        check_output_dir(run, "RUN")  # the evaluation goes into RUN/eval...
     metrics = run_eval(run, data=str(data) if data else None, threshold=threshold, out=out, methods=methods,
                        n_per_side=per_side, low=low, high=high, seed=seed, progress=progress)
     typer.echo(f"{metrics['scope']} of {metrics['data']}: {metrics['n']} images")
@@ -347,6 +349,8 @@ def audit(
 
     if out is not None:
         check_output_dir(out, "--out")
+    elif run.is_dir():
+        check_output_dir(run, "RUN")  # the audit goes into RUN/audit...
     if (run / "results.json").is_file() and not (run / "best.pt").is_file():
         result = audit_explain(run, n=n, sanity_images=sanity_images, faithfulness_images=faithfulness_images,
                                seed=seed, out=out, log=typer.echo)

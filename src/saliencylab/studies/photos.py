@@ -56,9 +56,10 @@ def nothing_read(skipped: Sequence[tuple[str, str]]) -> UserError:
     """The one-line refusal when `--skip-bad` skipped every input: nothing is written, exit 2."""
     if not skipped:
         return UserError("no input image; pass files, folders, globs or sample:<name>")
-    first = skipped[0][1]
-    more = f" ({len(skipped) - 1} more skipped)" if len(skipped) > 1 else ""
-    return UserError(f"none of the {len(skipped)} inputs could be read, so nothing was written; first: {first}{more}")
+    if len(skipped) == 1:
+        return UserError(f"the only input could not be read, so nothing was written: {skipped[0][1]}")
+    return UserError(f"none of the {len(skipped)} inputs could be read, so nothing was written; first: "
+                     f"{skipped[0][1]} ({len(skipped) - 1} more skipped)")
 
 
 def classify(clf: Classifier, sources: Sequence[str], *, k: int = 5, batch_size: int = 8,
