@@ -337,16 +337,45 @@ def test_dicom_header_without_its_pixels_is_called_cut_short(tmp_path):
     _one_line_error(run("classify", cut, *FAST), "cut.dcm", "cut short")
 
 
-def test_palette_colour_dicom_is_decoded_through_its_palette():
+def _built_palette_dicom(path: Path) -> str:
+    """A 6x8 PALETTE COLOR image: 8-bit indices into 16-bit red, green and blue tables (first entry 10)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 6, 8, 1
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    n = 16
+    ramp = np.linspace(0, 65535, n).astype("<u2")
+    for colour, table in (("Red", ramp), ("Green", ramp[::-1].copy()), ("Blue", np.full(n, 30000, "<u2"))):
+        ds[f"{colour}PaletteColorLookupTableDescriptor"] = pydicom.DataElement(
+            f"{colour}PaletteColorLookupTableDescriptor", "US", [n, 10, 16])
+        ds[f"{colour}PaletteColorLookupTableData"] = pydicom.DataElement(
+            f"{colour}PaletteColorLookupTableData", "OW", table.tobytes())
+    ds.PixelData = (np.arange(48, dtype=np.uint8).reshape(6, 8) % 20 + 8).tobytes()  # below, in and above
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+@pytest.mark.parametrize("source", ["built", "bundled"])
+def test_palette_colour_dicom_is_decoded_through_its_palette(tmp_path, source):
     from saliencylab.data.images import load_image
 
-    path = _dicom("examples_palette.dcm")
+    path = _built_palette_dicom(tmp_path / "pal.dcm") if source == "built" else _dicom("examples_palette.dcm")
     ds = pydicom.dcmread(path)
     assert ds.PhotometricInterpretation == "PALETTE COLOR"
     idx = ds.pixel_array.astype(np.int64)
     first = int(ds.RedPaletteColorLookupTableDescriptor[1])
     luts = [np.frombuffer(ds[f"{c}PaletteColorLookupTableData"].value, dtype="<u2")
             for c in ("Red", "Green", "Blue")]
+    # PS3.3 C.7.6.3.1.5: indices below the first mapped value take the first entry, above it the last
     expected = np.stack([lut[np.clip(idx - first, 0, len(lut) - 1)] for lut in luts], -1) / 65535.0
     img = load_image(path)
     assert img.pixels.shape == (*idx.shape, 3)
