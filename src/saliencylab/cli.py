@@ -106,10 +106,13 @@ def classify(
 ) -> None:
     """Classify images and print the top-k classes with probabilities (the article's Table 1)."""
     from saliencylab.data import expand_inputs
-    from saliencylab.fsutil import write_json
+    from saliencylab.fsutil import check_output_file, write_json
     from saliencylab.models import load_model
     from saliencylab.studies.photos import classify as run
+    from saliencylab.studies.photos import nothing_read
 
+    if json_path is not None:
+        check_output_file(json_path, "--json")
     sources = expand_inputs(inputs or [])
     clf = load_model(model, weights=weights, device=device)
     skipped: list[tuple[str, str]] = []
@@ -119,6 +122,8 @@ def classify(
         typer.echo(_table(row))
     for source, reason in skipped:
         typer.echo(f"skipped {source}: {reason}", err=True)
+    if not rows:
+        raise nothing_read(skipped)
     if json_path is not None:
         write_json(json_path, {"model": clf.describe(), "images": rows,
                                "skipped": [{"source": s, "reason": r} for s, r in skipped]})
@@ -164,6 +169,7 @@ def explain(
 ) -> None:
     """Draw saliency maps over images: overlays (PNG), raw maps (.npy), a figure grid and results.json."""
     from saliencylab.data import expand_inputs
+    from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
     from saliencylab.models import load_model
     from saliencylab.render.maps import NORMALISE_MODES
@@ -181,6 +187,7 @@ def explain(
             raise UserError(f"--cmap {cmap}: not a matplotlib colormap (try jet, inferno, viridis, bwr)")
     specs = parse_methods(methods)
     options = parse_method_options(set_options or [], specs, method_batch_size)
+    check_output_dir(out, "--out", beside=True)
     sources = expand_inputs(inputs or [])
     clf = load_model(model, weights=weights, device=device)
     display = DisplaySettings(sign=sign, smooth=smooth, normalise=normalise, alpha=alpha, cmap=cmap)
@@ -217,7 +224,9 @@ def phantoms(
 ) -> None:
     """Generate synthetic chest X-ray phantoms with lung and lesion masks and a controllable shortcut."""
     from saliencylab.data.phantoms import PhantomConfig, generate, parse_rates
+    from saliencylab.fsutil import check_output_dir
 
+    check_output_dir(out, "OUT")
     cfg = PhantomConfig(n_covid=n_covid, n_normal=n_normal, size=size, seed=seed,
                         marker_rate=parse_rates(marker_rate), exposure_shift=parse_rates(exposure_shift,
                                                                                         "--exposure-shift"),
@@ -255,6 +264,7 @@ def train(
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
     """Train a COVID-19 vs normal chest X-ray classifier (Adam, binary cross-entropy, 90/10 split)."""
+    from saliencylab.fsutil import check_output_dir
     from saliencylab.models.registry import resolve_device
     from saliencylab.train import TrainConfig
     from saliencylab.train import train as run
@@ -262,6 +272,7 @@ def train(
     names = tuple(c.strip() for c in classes.split(","))
     if len(names) != 2:
         raise UserError(f"--classes '{classes}': give two class folders, negative first (e.g. Normal,COVID)")
+    check_output_dir(out, "--out")
     cfg = TrainConfig(data=str(data), model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
                       lr=lr, seed=seed, classes=names, class_weight=class_weight, augment=augment, hflip=hflip,
                       group_column=group_column, max_minutes=max_minutes)
@@ -287,11 +298,16 @@ def evaluate(
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
     """Test a trained model: predictions.csv, metrics.json with 95% CIs, ROC, confusion matrix, Figure 3."""
+    from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
     from saliencylab.studies.cxr import evaluate as run_eval
     from saliencylab.studies.cxr import summary_lines
 
     parse_methods(methods)
+    if out is not None:
+        check_output_dir(out, "--out")
+    elif run.is_dir():
+        check_output_dir(run, "RUN")  # the evaluation goes into RUN/eval...
     metrics = run_eval(run, data=str(data) if data else None, threshold=threshold, out=out, methods=methods,
                        n_per_side=per_side, low=low, high=high, seed=seed, progress=progress)
     typer.echo(f"{metrics['scope']} of {metrics['data']}: {metrics['n']} images")
@@ -327,9 +343,14 @@ def audit(
     On an `explain` output folder (photos, no masks), the checks that apply: sanity, faithfulness,
     stability and agreement between methods, with the methods and options that `explain` used.
     """
+    from saliencylab.fsutil import check_output_dir
     from saliencylab.studies.audit import audit as run_audit
     from saliencylab.studies.audit import audit_explain
 
+    if out is not None:
+        check_output_dir(out, "--out")
+    elif run.is_dir():
+        check_output_dir(run, "RUN")  # the audit goes into RUN/audit...
     if (run / "results.json").is_file() and not (run / "best.pt").is_file():
         result = audit_explain(run, n=n, sanity_images=sanity_images, faithfulness_images=faithfulness_images,
                                seed=seed, out=out, log=typer.echo)
@@ -362,8 +383,10 @@ def demo(
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
     """Run the whole article on the embedded defaults: both studies, the audit, and an HTML report."""
+    from saliencylab.fsutil import check_output_dir
     from saliencylab.studies.demo import run_demo
 
+    check_output_dir(out, "--out")
     result = run_demo(out, quick=quick, force=force, progress=progress, log=typer.echo)
     h = result["headline"]
     typer.echo(f"report: {result['report']}")
@@ -382,8 +405,12 @@ def report(
     run: Path = typer.Argument(..., help="a demo folder, a training run folder, or an explain output folder"),
 ) -> None:
     """Write one self-contained report.html (images embedded, nothing fetched from the network)."""
+    from saliencylab.fsutil import check_output_dir, check_output_file
     from saliencylab.report.writer import write_report
 
+    if run.is_dir():
+        check_output_dir(run, "RUN")
+        check_output_file(run / "report.html", "RUN")
     path = write_report(run, command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]))
     typer.echo(f"wrote {path}")
 

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from saliencylab.data.datasets import Dataset, Record, load_dataset, make_split, read_split, write_split
+from saliencylab.data.datasets import Dataset, Record, load_dataset, make_split, parse_split, split_text
 from saliencylab.errors import UserError
 from saliencylab.fsutil import atomic_path, write_json, write_text
 from saliencylab.models.registry import Classifier, load_model, save_checkpoint
@@ -166,6 +167,79 @@ def _loss_acc(logits: np.ndarray, labels: np.ndarray, pos_weight: float) -> tupl
     return float(loss), float(((t > 0).float() == y).float().mean())
 
 
+_RESUME_FIX = "start again without --resume, or use another --out"
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+_STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": dict, "optimizer": dict, "epoch": int, "history": list, "best": (int, float), "split_hash": str}
+
+
+def load_resume(out: Path, cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """Check every file that `--resume` reads against its schema; return (state.pt's dict, split.csv).
+
+    state.pt is loaded with `weights_only=True`: a file that holds other Python objects is refused, never
+    executed.
+
+    Raises:
+        UserError: one line naming the file and what is wrong with it, and what to do.
+    """
+    for name in ("state.pt", "config.json", "split.csv"):
+        if not (out / name).is_file():
+            raise UserError(f"--resume: '{out / name}' does not exist; {_RESUME_FIX}")
+    cfg_path = out / "config.json"
+    try:
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"--resume: '{cfg_path}' is not valid JSON; {_RESUME_FIX}") from None
+    want = json.loads(json.dumps(asdict(cfg)))
+    if not isinstance(old, dict):
+        raise UserError(f"--resume: '{cfg_path}' is not a training config (a JSON object); {_RESUME_FIX}")
+    missing = [k for k in want if k not in old]
+    if missing:
+        raise UserError(f"--resume: '{cfg_path}' lacks the field '{missing[0]}'; {_RESUME_FIX}")
+    changed = [k for k in want if old[k] != want[k]]
+    if changed or set(old) != set(want):
+        raise UserError(f"--resume: '{cfg_path}' was written with other settings ({', '.join(changed) or 'fields'});"
+                        " resume with the same options or use a new --out")
+    try:
+        assigned = parse_split(out / "split.csv")
+    except ValueError as err:
+        raise UserError(f"--resume: '{out / 'split.csv'}' is not a split file: {err}; {_RESUME_FIX}") from None
+    state_path = out / "state.pt"
+    try:
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"--resume: '{state_path}' holds Python objects besides tensors and plain values, which are "
+                        f"never loaded (they could run code); {_RESUME_FIX}") from None
+    except Exception as err:  # torch raises many types for a file that is not a torch archive
+        raise UserError(f"--resume: '{state_path}' is not a readable training state ({type(err).__name__}); "
+                        f"{_RESUME_FIX}") from None
+    if not isinstance(st, dict):
+        raise UserError(f"--resume: '{state_path}' holds a {type(st).__name__}, not a training state; {_RESUME_FIX}")
+    for key, kind in _STATE_FIELDS.items():
+        if key not in st:
+            raise UserError(f"--resume: '{state_path}' lacks the field '{key}'; {_RESUME_FIX}")
+        if not isinstance(st[key], kind) or isinstance(st[key], bool):
+            raise UserError(f"--resume: '{state_path}' has a {type(st[key]).__name__} for '{key}'; {_RESUME_FIX}")
+    if st["epoch"] < 0 or not all(isinstance(h, dict) for h in st["history"]):
+        raise UserError(f"--resume: '{state_path}' has an invalid epoch or history; {_RESUME_FIX}")
+    _check_history_csv(out / "history.csv")
+    return st, assigned
+
+
+def _check_history_csv(path: Path) -> None:
+    """history.csv, when present (a run killed before its first epoch ended has none), has our columns."""
+    if not path.is_file():
+        return
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error):
+        header = []
+    if not set(HISTORY_FIELDS) <= set(header):
+        raise UserError(f"--resume: '{path}' is not a training history (columns {', '.join(HISTORY_FIELDS)} "
+                        f"missing); {_RESUME_FIX}")
+
+
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: str = "cpu",
           progress: bool | None = None, log: Any = print) -> dict[str, Any]:
     """Train, validate each epoch, keep the best checkpoint by validation loss; return a summary.
@@ -177,24 +251,19 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
     from tqdm import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, classes=cfg.classes, metadata_group=cfg.group_column)
     state_path = out / "state.pt"
-    if resume and not state_path.is_file():
-        raise UserError(f"--resume: '{state_path}' does not exist; start the run without --resume")
-    if (out / "config.json").is_file() and (resume or (out / "split.csv").is_file()):
-        old = json.loads((out / "config.json").read_text())
-        if resume and old != json.loads(json.dumps(asdict(cfg))):
-            raise UserError(f"--resume: '{out}/config.json' was written with other settings; resume with the "
-                            "same options or use a new --out")
-    write_json(out / "config.json", asdict(cfg))
-    if (out / "split.csv").is_file() and resume:
-        assigned = read_split(out / "split.csv")
+    # Every input is checked before anything is written: a refused run leaves no file behind.
+    st: dict[str, Any] | None = None
+    if resume:
+        st, assigned = load_resume(out, cfg)
         split = [assigned.get(r.file, "train") for r in ds.records]
     else:
         split = make_split(ds.records, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    split_hash = write_split(out / "split.csv", ds.records, split)
+    split_csv, split_hash = split_text(ds.records, split)
+    if st is not None and st["split_hash"] != split_hash:
+        raise UserError(f"--resume: the split in '{out}' changed since the run started; use a new --out")
     split_arr = np.array(split)
     labels = np.array([r.label for r in ds.records])
     if cfg.extra.get("shuffle_labels"):  # data randomisation (Adebayo et al. 2018): labels carry no signal
@@ -204,6 +273,18 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
     clf, arch, arch_kwargs = build_classifier(cfg)
     dev = torch.device(device)
     clf.to(dev)
+    opt = torch.optim.Adam(clf.module.parameters(), lr=cfg.lr)
+    history: list[dict[str, Any]] = []
+    best = math.inf
+    start_epoch = 1
+    if st is not None:
+        try:
+            clf.module.net.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError):
+            raise UserError(f"--resume: '{state_path}' holds weights or optimizer state that do not fit this model; "
+                            f"{_RESUME_FIX}") from None
+        history, best, start_epoch = list(st["history"]), float(st["best"]), int(st["epoch"]) + 1
     size = clf.input_size[0]
     t0 = time.perf_counter()
     cache, bad = decode_cache(ds, ds.records, size, cfg.workers, progress)
@@ -214,23 +295,19 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
         usable[i] = r.file not in bad_files
     tr = np.nonzero((split_arr == "train") & usable)[0]
     va = np.nonzero((split_arr == "val") & usable)[0]
+    if len(tr) == 0 or len(va) == 0:
+        raise UserError(f"--data {cfg.data}: no readable {'training' if len(tr) == 0 else 'validation'} image "
+                        f"({len(bad)} of {len(ds.records)} unreadable, first: {bad[0][0] if bad else '-'}); "
+                        "fix or replace the files")
     n_pos, n_neg = int(labels[tr].sum()), int(len(tr) - labels[tr].sum())
     pos_weight = n_neg / max(n_pos, 1) if cfg.class_weight else 1.0
-    opt = torch.optim.Adam(clf.module.parameters(), lr=cfg.lr)
-    history: list[dict[str, Any]] = []
-    best = math.inf
-    start_epoch = 1
-    if resume:
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        if st.get("split_hash") != split_hash:
-            raise UserError(f"--resume: the split in '{out}' changed since the run started; use a new --out")
-        clf.module.net.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        history, best, start_epoch = list(st["history"]), float(st["best"]), int(st["epoch"]) + 1
     log(f"data: {len(ds.records)} images ({', '.join(f'{k} {v}' for k, v in ds.counts().items())}), layout "
         f"{ds.layout}; train {len(tr)}, val {len(va)}, test {int((split_arr == 'test').sum())}; "
         f"{len(bad)} unreadable skipped; decoded in {decode_s:.1f}s")
     meta = {"split_hash": split_hash, "unreadable": len(bad), "train_images": len(tr), "val_images": len(va)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", asdict(cfg))
+    write_text(out / "split.csv", split_csv)
     write_json(out / "unreadable.json", [{"file": f, "reason": r} for f, r in bad])
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):

@@ -190,21 +190,50 @@ def make_split(records: Sequence[Record], *, test_fraction: float = 0.1, val_fra
     return split.tolist()
 
 
-def write_split(path: str | Path, records: Sequence[Record], split: Sequence[str]) -> str:
-    """Write split.csv (file, label, class, split, group) atomically; return its SHA-256 (first 16 hex)."""
-    from saliencylab.fsutil import write_text
-
+def split_text(records: Sequence[Record], split: Sequence[str]) -> tuple[str, str]:
+    """split.csv's text (file, label, class, split, group) and its SHA-256 (first 16 hex)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "label", "class", "split", "group"])
     for r, s in zip(records, split, strict=True):
         w.writerow([r.file, r.label, r.cls, s, r.group or ""])
     text = buf.getvalue()
+    return text, hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_split(path: str | Path, records: Sequence[Record], split: Sequence[str]) -> str:
+    """Write split.csv atomically; return its SHA-256 (first 16 hex)."""
+    from saliencylab.fsutil import write_text
+
+    text, digest = split_text(records, split)
     write_text(path, text)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest
+
+
+def parse_split(path: str | Path) -> dict[str, str]:
+    """file -> split from split.csv.
+
+    Raises:
+        ValueError: the reason the file is not a split file (unreadable, columns or values missing).
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"file", "split"} <= set(reader.fieldnames):
+                raise ValueError(f"it lacks the 'file' and 'split' columns (has {', '.join(reader.fieldnames or [])})")
+            out = {}
+            for n, row in enumerate(reader, start=2):
+                if row["split"] not in ("train", "val", "test") or not row["file"]:
+                    raise ValueError(f"line {n} has split '{row['split']}', not train, val or test")
+                out[row["file"]] = row["split"]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"it is not a UTF-8 CSV file ({type(err).__name__})") from None
+    return out
 
 
 def read_split(path: str | Path) -> dict[str, str]:
-    """file -> split from split.csv."""
-    with open(path, newline="") as f:
-        return {row["file"]: row["split"] for row in csv.DictReader(f)}
+    """file -> split from split.csv; a broken file is a UserError that names it."""
+    try:
+        return parse_split(path)
+    except ValueError as err:
+        raise UserError(f"'{path}' is not a split file that saliencylab wrote: {err}; train the run again") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -114,6 +115,8 @@ def load_image(source: str, *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
         return img
     path = Path(source)
     if not path.exists():
+        if os.path.lexists(path):
+            raise UserError(f"cannot read '{source}': it is a broken or looping symbolic link; point it at a file")
         raise UserError(f"cannot read '{source}': no such file; check the path")
     if path.is_dir():
         raise UserError(f"'{source}' is a folder; pass it as an input to read the images inside")
@@ -220,23 +223,37 @@ def _load_dicom(path: Path) -> LoadedImage:
     except Exception as err:  # pydicom raises many types for broken files
         raise UserError(f"'{path}' is a corrupt DICOM file ({type(err).__name__}: {err})") from None
     if "PixelData" not in ds:
+        if "Rows" in ds and "Columns" in ds:
+            raise UserError(f"'{path}' is a DICOM image header without its pixel data (the file is probably cut "
+                            "short); re-export or re-copy the file")
         raise UserError(f"'{path}' is a DICOM file without pixel data (a report or structure set?); "
                         "pass an image")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    _check_dicom_length(path, ds, syntax)
     try:
         arr = ds.pixel_array
     except Exception as err:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        raise UserError(
-            f"cannot decode the pixels of '{path}' (transfer syntax {getattr(syntax, 'name', syntax)}: {err}); "
-            "install a decoder such as `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg`"
-        ) from None
+        raise UserError(_decode_failure(path, syntax, err)) from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    meta: dict[str, Any] = {"format": "DICOM", "photometric": str(ds.get("PhotometricInterpretation", "")),
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    meta: dict[str, Any] = {"format": "DICOM", "photometric": photometric,
                             "bits": int(ds.get("BitsStored", 8) or 8), "frames": frames}
     if frames > 1:
         arr = arr[0]
         meta["note"] = f"first of {frames} frames"
-    if arr.ndim == 3 and arr.shape[-1] == 3:  # colour: pydicom already converted to RGB
+        sys.stderr.write(f"note: '{path}' holds {frames} frames; using frame 1\n")
+    if photometric == "PALETTE COLOR" and arr.ndim == 2:
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            rgb = apply_color_lut(arr, ds)
+        except Exception as err:
+            raise UserError(f"'{path}' is a palette-colour DICOM whose palette cannot be applied "
+                            f"({type(err).__name__}: {err}); re-export it as RGB") from None
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2]) if "RedPaletteColorLookupTableDescriptor" in ds else 8
+        pixels = np.clip(rgb.astype(np.float32) / float(2 ** bits - 1), 0, 1)
+        meta["palette"] = f"{bits}-bit colour lookup table applied"
+    elif arr.ndim == 3 and arr.shape[-1] == 3:  # colour: pydicom already converted to RGB
         top = float(2 ** int(ds.get("BitsStored", 8) or 8) - 1)
         pixels = np.clip(arr.astype(np.float32) / top, 0, 1)
     elif arr.ndim == 2:
@@ -246,6 +263,58 @@ def _load_dicom(path: Path) -> LoadedImage:
         raise UserError(f"'{path}' has pixel data of shape {arr.shape}, not a 2D image; pass a single image")
     return LoadedImage(source=str(path), name=path.stem, pixels=np.ascontiguousarray(pixels, np.float32),
                        meta=meta)
+
+
+# what to install for each family of compressed transfer syntaxes (pydicom's decoder plugins)
+_DICOM_DECODERS = (
+    (("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"),
+     "pylibjpeg pylibjpeg-libjpeg"),
+    (("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"), "pyjpegls"),
+    (("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+      "1.2.840.10008.1.2.4.203"), "pylibjpeg pylibjpeg-openjpeg"),
+    (("1.2.840.10008.1.2.5",), "pylibjpeg pylibjpeg-rle"),
+)
+
+
+def dicom_decoder_hint(syntax: Any) -> str:
+    """The pip packages that let pydicom decode a transfer syntax UID."""
+    for uids, packages in _DICOM_DECODERS:
+        if str(syntax) in uids:
+            return packages
+    return "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
+
+
+def _syntax_name(syntax: Any) -> str:
+    name = getattr(syntax, "name", None)
+    return f"{name} ({syntax})" if name and name != str(syntax) else str(syntax)
+
+
+def _decode_failure(path: Path, syntax: Any, err: Exception) -> str:
+    """One line for pixel data that pydicom could not decode."""
+    if syntax is None:
+        return f"'{path}' does not say how its pixels are encoded (no transfer syntax); re-export the file"
+    if getattr(syntax, "is_compressed", False):
+        return (f"cannot decode '{path}': no installed decoder reads its transfer syntax {_syntax_name(syntax)}; "
+                f"install one with `pip install {dicom_decoder_hint(syntax)}`")
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"cannot decode the pixels of '{path}' ({_syntax_name(syntax)}: {reason}); re-export the file"
+
+
+def _check_dicom_length(path: Path, ds: Any, syntax: Any) -> None:
+    """An uncompressed file cut short holds fewer pixel bytes than rows x columns x samples x bits x frames."""
+    if syntax is None or getattr(syntax, "is_compressed", True):
+        return
+    try:
+        n = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+             * int(ds.get("NumberOfFrames", 1) or 1))
+        bits = int(ds.BitsAllocated)
+        have = len(ds.PixelData)
+    except (AttributeError, TypeError, ValueError):
+        return  # incomplete attributes: pydicom's decoder reports them
+    need = (n * bits + 7) // 8
+    if have < need:
+        raise UserError(f"'{path}' is truncated: its pixel data holds {have:,} of the {need:,} bytes that "
+                        f"{int(ds.Rows)}x{int(ds.Columns)} pixels need; re-export or re-copy the file")
 
 
 def dicom_grayscale(arr: np.ndarray, ds: Any) -> tuple[np.ndarray, str]:

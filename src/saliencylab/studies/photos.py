@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from saliencylab.data.images import LoadedImage, iter_images
+from saliencylab.errors import UserError
 from saliencylab.fsutil import staged_dir, write_json, write_npy, write_png
 from saliencylab.methods import MethodSpec, completeness_error, resolve_target
 from saliencylab.models.registry import Classifier
@@ -49,6 +50,16 @@ def top_k(clf: Classifier, probs: torch.Tensor, k: int) -> list[list[dict[str, A
     return [[{"rank": r + 1, "index": int(i), "class": clf.class_names[int(i)], "probability": float(v)}
              for r, (v, i) in enumerate(zip(vs, idx, strict=True))]
             for vs, idx in zip(values.cpu(), indices.cpu(), strict=True)]
+
+
+def nothing_read(skipped: Sequence[tuple[str, str]]) -> UserError:
+    """The one-line refusal when `--skip-bad` skipped every input: nothing is written, exit 2."""
+    if not skipped:
+        return UserError("no input image; pass files, folders, globs or sample:<name>")
+    if len(skipped) == 1:
+        return UserError(f"the only input could not be read, so nothing was written: {skipped[0][1]}")
+    return UserError(f"none of the {len(skipped)} inputs could be read, so nothing was written; first: "
+                     f"{skipped[0][1]} ({len(skipped) - 1} more skipped)")
 
 
 def classify(clf: Classifier, sources: Sequence[str], *, k: int = 5, batch_size: int = 8,
@@ -101,7 +112,7 @@ class ExplainResult:
 
 
 def _safe_name(name: str, taken: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+    base = re.sub(r"[^\w.-]+", "_", name).strip("._") or "image"
     out, i = base, 2
     while out in taken:
         out, i = f"{base}_{i}", i + 1
@@ -197,9 +208,7 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
                                         row_maps))
                 records.append(record)
         if not records:
-            from saliencylab.errors import UserError
-
-            raise UserError("no image could be read; nothing was written (see the messages above)")
+            raise nothing_read(result.skipped)
         saliency_grid(grid, [m.name for m in methods], stage / "figure.png", alpha=display.alpha, cmap=display.cmap)
         result.images, result.seconds = records, seconds
         write_json(stage / "results.json", {
