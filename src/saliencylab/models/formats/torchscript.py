@@ -47,17 +47,26 @@ def load_torchscript(path: Path, given: Preprocessing) -> Classifier:
 
 
 class ExportedNet(nn.Module):
-    """A `torch.export` program as a module. Its mode was fixed at export time: train()/eval() do not reach it."""
+    """A `torch.export` program as a module. Its mode was fixed at export time: train()/eval() do not reach it.
 
-    def __init__(self, program: nn.Module) -> None:
+    A program exported with a static batch of one runs image by image.
+    """
+
+    def __init__(self, program: nn.Module, static_batch: int | None = None) -> None:
         super().__init__()
         self.program = program
+        self.static_batch = static_batch
 
     def train(self, mode: bool = True) -> ExportedNet:
         self.training = mode  # the exported graph refuses eval(); its BatchNorm/Dropout were fixed at export
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static_batch == 1 and x.shape[0] != 1:
+            return torch.cat([self.program(x[i:i + 1]) for i in range(x.shape[0])])
+        if self.static_batch is not None and x.shape[0] != self.static_batch:
+            raise UserError(f"this torch.export program was exported for batches of exactly {self.static_batch}; "
+                            "re-export it with dynamic_shapes={'x': {0: torch.export.Dim('batch')}}")
         return self.program(x)
 
 
@@ -81,6 +90,6 @@ def load_export(path: Path, given: Preprocessing) -> Classifier:
     if static[1] is not None:
         declared = Preprocessing(input_size=(static[2], static[3]) if None not in static[2:] else None,
                                  channels=static[1])
-    net = ExportedNet(program.module())
+    net = ExportedNet(program.module(), static[0])
     return assemble(net, source=f"torch.export program '{path}'", name=str(path), fmt="export", declared=declared,
                     given=given, weights=f"torch.export {path}", no_cam=NO_CAM.format(fmt="A torch.export program"))
