@@ -204,6 +204,8 @@ def explain(
     sources = expand_inputs(inputs or [])
     model_kwargs = preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file)
     clf = load_model(model, weights=weights, device=device, **model_kwargs)
+    if methods.strip() == "all":  # every method that applies to this model (rollout needs a transformer, ...)
+        specs = [s for s in specs if clf.supports(s.family)]
     display = DisplaySettings(sign=sign, smooth=smooth, normalise=normalise, alpha=alpha, cmap=cmap)
     result = run(clf, sources, specs, out, options=options, target=target, batch_size=batch_size,
                  display=display, skip_bad=skip_bad, progress=progress,

@@ -131,6 +131,16 @@ class Classifier:
             return t.device
         return torch.device("cpu")
 
+    def supports(self, family: str) -> bool:
+        """Whether methods of a family ('gradient', 'cam', 'attention', 'perturbation', 'model-free') apply."""
+        if family in ("gradient", "cam") and not self.gradients:
+            return False
+        if family == "cam" and getattr(self.module, "cam_unavailable", None):
+            return False
+        if family == "attention":
+            return self.layout.kind == "tokens"
+        return True
+
     def to(self, device: torch.device | str) -> Classifier:
         self.module.to(device)
         return self
