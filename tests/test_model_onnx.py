@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -106,6 +107,9 @@ def test_onnx_operator_the_converter_lacks_runs_forward_only(tmp_path):
     assert not (tmp_path / "out").exists()
     res = CliRunner().invoke(app, ["classify", "sample:chelsea", "--model", str(path)])
     assert res.exit_code == 0 and "class_0" in res.output, res.output
+    twin = copy.deepcopy(clf.module)  # the audit's randomisation copies models; sessions cannot be copied
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), logits, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_onnx_file(tmp_path):

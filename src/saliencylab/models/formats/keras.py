@@ -48,14 +48,17 @@ def import_keras() -> Any:
 class KerasNet(nn.Module):
     """x[B, C, H, W] -> the Keras model on [B, H, W, C] -> its outputs [B, K]; its layers under `layers`."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, keras: Any) -> None:
         super().__init__()
         self.model = model
+        self._device_scope = keras.device
         self.layers = nn.ModuleDict({_key(layer.name): layer for layer in model.layers
                                      if isinstance(layer, nn.Module)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x.permute(0, 2, 3, 1), training=False)  # (B, H, W, C)
+        # Keras moves every tensor to its own default device (CUDA when there is one): keep it on x's
+        with self._device_scope(str(x.device)):
+            out = self.model(x.permute(0, 2, 3, 1), training=False)  # (B, H, W, C)
         return out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out
 
 
@@ -129,7 +132,8 @@ def load_keras(path: Path, given: Preprocessing) -> Classifier:
     _check_file(path)
     keras = import_keras()
     try:
-        model = keras.models.load_model(str(path), compile=False, safe_mode=True)
+        with keras.device("cpu"):  # like every loader: built on the CPU, then moved by load_model
+            model = keras.models.load_model(str(path), compile=False, safe_mode=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
         raise UserError(f"'{path}' could not be loaded by Keras {keras.__version__} ({type(err).__name__}: "
@@ -147,7 +151,7 @@ def load_keras(path: Path, given: Preprocessing) -> Classifier:
     if scale != 1.0:
         given = Preprocessing(given.input_size, given.channels, (0.0,), (1.0 / scale,), given.classes,
                               given.cam_layer)
-    net = KerasNet(model)
+    net = KerasNet(model, keras)
     return assemble(net, source=f"Keras model '{path}'", name=str(path), fmt="keras", declared=declared,
                     given=given, weights=f"keras {path}", cam_layer=_cam_layer(model), layout=CamLayout("nhwc"),
                     score=score)

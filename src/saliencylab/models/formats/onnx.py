@@ -5,6 +5,7 @@ the converter lacks and how to re-export). Loading an ONNX file executes no Pyth
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,13 @@ class OrtNet(nn.Module):
         self.reason = reason
         self.batch_of_one = batch_of_one
         self.register_buffer("anchor", torch.zeros(0), persistent=False)  # gives the module a device
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OrtNet:
+        """A copy sharing the (stateless, read-only) session: onnxruntime sessions cannot be copied."""
+        new = nn.Module.__new__(OrtNet)
+        new.__dict__.update({k: (v if k == "session" else copy.deepcopy(v, memo))
+                             for k, v in self.__dict__.items()})
+        return new
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
