@@ -13,6 +13,8 @@ from saliencylab.methods.gradient import ig_alphas, integrated_gradients, smooth
 from saliencylab.methods.perturbation import occlusion, rise
 from saliencylab.methods.spectral import spectral_residual
 
+# methods that need a vision transformer are tested on one in test_model_transformers.py
+ON_CNN = [n for n, s in METHODS.items() if s.family != "attention"]
 # options that keep sampling methods fast in tests
 FAST = {"smoothgrad": {"n_samples": 3}, "integrated_gradients": {"n_steps": 4},
         "occlusion": {"window": 4, "stride": 4}, "rise": {"n_masks": 16, "grid": 4}}
@@ -20,7 +22,7 @@ FAST = {"smoothgrad": {"n_samples": 3}, "integrated_gradients": {"n_steps": 4},
 
 def test_registry_order_and_names():
     assert list(METHODS) == ["vanilla", "gradient_x_input", "smoothgrad", "integrated_gradients", "gradcam",
-                             "gradcam_pp", "occlusion", "rise", "spectral_residual"]
+                             "gradcam_pp", "attention_rollout", "occlusion", "rise", "spectral_residual"]
     with pytest.raises(UserError, match="Did you mean smoothgrad"):
         get_method("smoothgrd")
     assert [m.name for m in parse_methods("all")] == list(METHODS)
@@ -33,7 +35,7 @@ def test_duplicate_registration_raises():
         register_method("vanilla", family="gradient", paper="-")(lambda m, x, t: x)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", ON_CNN)
 def test_smoke_every_method(name, tiny, x_small):
     t = resolve_target(tiny, x_small)
     out = METHODS[name].fn(tiny, x_small, t, **FAST.get(name, {}))
@@ -48,7 +50,7 @@ def _hooks(model: nn.Module) -> int:
                for m in model.modules())
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", ON_CNN)
 def test_no_side_effects(name, x_small):
     model = TinyCNN().train()
     model.conv2.eval()  # a mixed state must come back exactly
@@ -63,7 +65,7 @@ def test_no_side_effects(name, x_small):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-@pytest.mark.parametrize("name", [n for n, s in METHODS.items() if s.uses_model])
+@pytest.mark.parametrize("name", [n for n in ON_CNN if METHODS[n].uses_model])
 def test_no_hooks_or_mode_change_after_error(name, x_small):
     model = TinyCNN().train()
     bad_target = torch.tensor([7, 7])  # out of range: fails after the forward pass, inside the method

@@ -119,7 +119,7 @@ def test_cam_layer_heuristic():
 
 def test_checkpoint_round_trip(tmp_path):
     clf = load_model("timm:resnet18", weights="random", num_classes=1, in_chans=1)
-    clf.class_names = ["Normal", "COVID"]
+    clf = clf.replace(class_names=["Normal", "COVID"])
     path = tmp_path / "ckpt.pt"
     save_checkpoint(clf, path, arch="timm:resnet18", arch_kwargs={"num_classes": 1, "in_chans": 1},
                     config={"epochs": 2})

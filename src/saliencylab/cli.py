@@ -19,8 +19,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="What did the image classifier look at, and can we trust that?")
 F = TypeVar("F", bound=Callable[..., Any])
 
-MODEL_HELP = ("efficientnet_lite0 (offline default), vgg16, torchvision:<name>, timm:<name>, "
-              "or a saliencylab checkpoint file")
+MODEL_HELP = ("efficientnet_lite0 (offline default), vgg16, torchvision:<name>, timm:<name>, a saliencylab "
+              "checkpoint, a model file (.keras, .h5, TorchScript .pt, .pt2, .onnx), a transformers folder, "
+              "or package.module:factory")
+INPUT_SIZE_HELP = "model input H or H,W in pixels (for files that do not say; or model.json beside the model)"
+CHANNELS_HELP = "model input channels, 1 or 3 (for files that do not say)"
+MEAN_HELP = "per-channel mean the model subtracts from pixels in [0, 1], e.g. 0.485,0.456,0.406"
+STD_HELP = "per-channel std the model divides by, e.g. 0.229,0.224,0.225"
+CLASSES_HELP = "class names, comma-separated, one per output (negative,positive for one logit)"
+CLASSES_FILE_HELP = "a text file of class names, one per line"
 WEIGHTS_HELP = "a weights file (state dict) for the model; 'random' for an untrained one"
 
 
@@ -103,18 +110,25 @@ def classify(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per forward pass"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
+    input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
+    channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
+    classes: str = typer.Option(None, "--classes", help=CLASSES_HELP),
+    classes_file: Path = typer.Option(None, "--classes-file", help=CLASSES_FILE_HELP),
 ) -> None:
     """Classify images and print the top-k classes with probabilities (the article's Table 1)."""
     from saliencylab.data import expand_inputs
     from saliencylab.fsutil import check_output_file, write_json
-    from saliencylab.models import load_model
+    from saliencylab.models import load_model, preprocessing_kwargs
     from saliencylab.studies.photos import classify as run
     from saliencylab.studies.photos import nothing_read
 
     if json_path is not None:
         check_output_file(json_path, "--json")
     sources = expand_inputs(inputs or [])
-    clf = load_model(model, weights=weights, device=device)
+    clf = load_model(model, weights=weights, device=device,
+                     **preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file))
     skipped: list[tuple[str, str]] = []
     rows = []
     for row in run(clf, sources, k=top_k, batch_size=batch_size, skip_bad=skip_bad, skipped=skipped):
@@ -166,12 +180,18 @@ def explain(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
+    input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
+    channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
+    classes: str = typer.Option(None, "--classes", help=CLASSES_HELP),
+    classes_file: Path = typer.Option(None, "--classes-file", help=CLASSES_FILE_HELP),
 ) -> None:
     """Draw saliency maps over images: overlays (PNG), raw maps (.npy), a figure grid and results.json."""
     from saliencylab.data import expand_inputs
     from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
-    from saliencylab.models import load_model
+    from saliencylab.models import load_model, preprocessing_kwargs
     from saliencylab.render.maps import NORMALISE_MODES
     from saliencylab.studies.photos import DisplaySettings
     from saliencylab.studies.photos import explain as run
@@ -189,12 +209,15 @@ def explain(
     options = parse_method_options(set_options or [], specs, method_batch_size)
     check_output_dir(out, "--out", beside=True)
     sources = expand_inputs(inputs or [])
-    clf = load_model(model, weights=weights, device=device)
+    model_kwargs = preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file)
+    clf = load_model(model, weights=weights, device=device, **model_kwargs)
+    if methods.strip() == "all":  # every method that applies to this model (rollout needs a transformer, ...)
+        specs = [s for s in specs if clf.supports(s.family)]
     display = DisplaySettings(sign=sign, smooth=smooth, normalise=normalise, alpha=alpha, cmap=cmap)
     result = run(clf, sources, specs, out, options=options, target=target, batch_size=batch_size,
                  display=display, skip_bad=skip_bad, progress=progress,
                  command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]),
-                 model_args={"model": model, "weights": weights})
+                 model_args={"model": model, "weights": weights, **model_kwargs})
     for source, reason in result.skipped:
         typer.echo(f"skipped {source}: {reason}", err=True)
     for rec in result.images:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from saliencylab.errors import UserError
 from saliencylab.methods._common import capture_output, eval_mode, fast_layout, layer_by_name, target_score
 from saliencylab.methods.registry import register_method
-from saliencylab.models.registry import find_cam_layer
+from saliencylab.models import CamLayout, find_cam_layer
 from saliencylab.ops import resize
 
 
@@ -15,14 +16,18 @@ def layer_activation_and_gradient(model: nn.Module, x: torch.Tensor, target: tor
                                   layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations A[B, K, *s] of `layer` and d target_score / dA, with the hook removed afterwards.
 
-    The layer defaults to `model.cam_layer` when the model names one, else to `find_cam_layer`.
+    The layer defaults to `model.cam_layer` when the model names one, else to `find_cam_layer`. Both come back
+    as [B, C, *s] whatever the model's `cam_layout` (Keras NHWC, transformer tokens).
     """
+    if getattr(model, "cam_unavailable", None):
+        raise UserError(model.cam_unavailable)
     name = layer or getattr(model, "cam_layer", None) or find_cam_layer(model, x)
     module = layer_by_name(model, name)
     with eval_mode(model), capture_output(module, cut=True) as store, torch.enable_grad():
         score = target_score(model(fast_layout(x.detach())), target).sum()
         (grads,) = torch.autograd.grad(score, store["out"])
-    return store["out"].detach(), grads
+    layout = getattr(model, "cam_layout", None) or CamLayout()
+    return layout.to_nchw(store["out"].detach()), layout.to_nchw(grads)
 
 
 @register_method("gradcam", family="cam", paper="Selvaraju et al. 2017, https://arxiv.org/abs/1610.02391")

@@ -9,13 +9,10 @@ import torch
 from torch import nn
 
 from saliencylab.errors import UserError
-from saliencylab.models.registry import (
-    Classifier,
-    Normalized,
-    imagenet_classes,
-    load_state_dict_file,
-    register_model,
-)
+from saliencylab.models._checkpoint import load_state_dict_file
+from saliencylab.models._classifier import CamLayout, Classifier, Normalized
+from saliencylab.models._helpers import imagenet_classes
+from saliencylab.models._registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,11 +49,8 @@ def efficientnet_lite0(weights: str | None = None, **arch: Any) -> Classifier:
         net.reset_classifier(int(num_outputs))
         names = list(class_names or ([f"class_{i}" for i in range(int(num_outputs))] if num_outputs > 1
                                      else ["negative", "positive"]))
-    clf = Classifier(Normalized(net, mean, std, cam_layer="net.bn2"), "efficientnet_lite0",
-                     names, (image_size, image_size), 3, mean, std, source)
-    if num_outputs is not None:
-        clf.extra["num_outputs"] = int(num_outputs)
-    return clf
+    return Classifier(Normalized(net, mean, std, cam_layer="net.bn2"), "efficientnet_lite0",
+                      names, (image_size, image_size), 3, mean, std, source, num_outputs=int(net.num_classes))
 
 
 def _embedded_lite0_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -117,9 +111,10 @@ def torchvision_classifier(name: str, weights: str | None = None, **arch: Any) -
             )
         load_state_dict_file(cached, net, f"torchvision:{name}")
         source = str(cached)
-    classes = list(enum.meta["categories"]) if enum is not None and not arch else _numbered(net)
+    k = _num_outputs(net)
+    classes = list(enum.meta["categories"]) if enum is not None and not arch else _numbered(k)
     return Classifier(Normalized(net, IMAGENET_MEAN, IMAGENET_STD), name if name == "vgg16" else f"torchvision:{name}",
-                      classes, (224, 224), 3, IMAGENET_MEAN, IMAGENET_STD, source)
+                      classes, (224, 224), 3, IMAGENET_MEAN, IMAGENET_STD, source, num_outputs=k)
 
 
 def _torchvision_default_weights(name: str) -> Any:
@@ -159,11 +154,26 @@ def timm_classifier(name: str, weights: str | None = None, **arch: Any) -> Class
     cfg = net.pretrained_cfg
     mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
     size = tuple(cfg.get("input_size", (3, 224, 224)))[1:]
-    classes = imagenet_classes() if net.num_classes == 1000 else _numbered(net)
+    classes = imagenet_classes() if net.num_classes == 1000 else _numbered(net.num_classes)
     in_chans = int(arch.get("in_chans", 3))
     if in_chans != len(mean):
         mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
-    return Classifier(Normalized(net, mean, std), f"timm:{name}", classes, size, in_chans, mean, std, source)
+    cam_layer, layout = _timm_cam_layer(net)
+    return Classifier(Normalized(net, mean, std, cam_layer=cam_layer, cam_layout=layout), f"timm:{name}", classes,
+                      size, in_chans, mean, std, source, num_outputs=int(net.num_classes))
+
+
+def _timm_cam_layer(net: nn.Module) -> tuple[str | None, CamLayout | None]:
+    """A timm vision transformer (patch_embed + blocks) declares its token layout and its last block's norm1."""
+    blocks = getattr(net, "blocks", None)
+    embed = getattr(net, "patch_embed", None)
+    grid = getattr(embed, "grid_size", None)
+    if blocks is None or grid is None or not hasattr(net, "num_prefix_tokens") or len(blocks) == 0:
+        return None, None
+    if not hasattr(blocks[-1], "norm1") or getattr(net, "global_pool", "token") not in ("token", "avg", ""):
+        return None, None
+    layout = CamLayout("tokens", (int(grid[0]), int(grid[1])), int(net.num_prefix_tokens))
+    return f"net.blocks.{len(blocks) - 1}.norm1", layout
 
 
 def _timm_cached_weights(net: nn.Module) -> Path | None:
@@ -185,12 +195,19 @@ def _timm_cached_weights(net: nn.Module) -> Path | None:
     return None
 
 
-def _numbered(net: nn.Module) -> list[str]:
+def _numbered(k: int) -> list[str]:
     """class_0, class_1, ... for a head with no known names."""
-    with torch.no_grad():
-        last = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    k = last[-1].out_features if last else 1
     return [f"class_{i}" for i in range(k)]
+
+
+def _num_outputs(net: nn.Module) -> int:
+    """Width of a torchvision classifier's logits: its `num_classes`, else the last Linear's outputs."""
+    if isinstance(getattr(net, "num_classes", None), int):
+        return int(net.num_classes)
+    last = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if last:
+        return int(last[-1].out_features)
+    raise UserError(f"cannot tell how many classes {type(net).__name__} has; pass num_classes")
 
 
 class CxrCNN(nn.Module):
@@ -236,7 +253,5 @@ def cxr_cnn(weights: str | None = None, *, channels: int = 1, image_size: int = 
         load_state_dict_file(weights, net, "cxr_cnn")
         source = str(weights)
     mean, std = (0.5,) * channels, (0.25,) * channels
-    clf = Classifier(Normalized(net, mean, std, cam_layer="net.features"), "cxr_cnn", list(class_names),
-                     (image_size, image_size), channels, mean, std, source)
-    clf.extra["num_outputs"] = 1
-    return clf
+    return Classifier(Normalized(net, mean, std, cam_layer="net.features"), "cxr_cnn", list(class_names),
+                      (image_size, image_size), channels, mean, std, source, num_outputs=1)
