@@ -193,6 +193,11 @@ def test_workbench_in_a_real_browser(server, browser, tmp_path):
     assert "Your marks cover" in reading and "inside the lungs" in reading
     browser.save_screenshot(str(ARTIFACTS / "serve-teaching.png"))
 
+    # 5. the API docs page works offline (no Swagger UI from a CDN)
+    browser.get(server + "/docs")
+    _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, ".endpoint")) >= 10)
+    assert "/api/explain" in find(By.ID, "endpoints").text
+
     # nothing left the machine, and the page logged no error
     urls = _requested(browser)
     assert urls and all(u.startswith((server + "/", "data:", "blob:")) for u in urls), \
