@@ -229,6 +229,7 @@ def _bomb_png(w: int, h: int) -> bytes:
     ("p.png", None, {"target": "tabby cat"}, r"unknown class name 'tabby cat'\. Did you mean 'tabby'"),
     ("p.png", None, {"target": "1000"}, r"--target 1000 is out of range"),
     ("p.png", None, {"methods": "smoothgrad", "set": ["smoothgrad.n_samples=many"]}, r"'many' is not a number"),
+    ("p.png", None, {"methods": "smoothgrad", "set": ["smoothgrad.n_samples=100000"]}, r"above this server's cap"),
     ("p.png", None, {"set": ["gradcam.colour=red"]}, r"gradcam has no option 'colour'; it has layer, relu"),
     ("p.png", None, {"set": ["n_samples=3"]}, r"write METHOD\.OPTION=VALUE"),
     ("p.png", None, {"cmap": "rainbowz"}, r"--cmap rainbowz: not a matplotlib colormap"),
@@ -329,7 +330,12 @@ def test_token_origin_and_host_checks(photo):
         assert c.get("/api/health").status_code == 401
         assert c.get("/api/health", headers={"Authorization": "Bearer wrong-token"}).status_code == 401
         assert c.get("/api/health", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
-        assert c.get("/api/health?token=s3cret-token").status_code == 200
+        r = c.get("/api/health?token=s3cret-token")
+        assert r.status_code == 200 and "HttpOnly; SameSite=Strict" in r.headers["set-cookie"]
+        assert c.cookies.get("saliencylab_token") == "s3cret-token"
+        assert c.get("/api/models").status_code == 200  # the cookie alone is enough now
+        c.cookies.clear()
+        assert c.get("/api/models").status_code == 401
         assert c.get("/").status_code == 200 and c.get("/docs").status_code == 200  # the page itself holds no data
         r = c.post("/api/classify", files={"image": ("p.png", png(photo), "image/png")},
                    headers={"X-Token": "s3cret-token", "Origin": "http://evil.example"})

@@ -39,6 +39,7 @@ from saliencylab.web import core, teaching
 log = logging.getLogger("saliencylab.serve")
 STATIC = Path(__file__).parent / "static"
 T = TypeVar("T")
+COOKIE = "saliencylab_token"
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
@@ -52,7 +53,8 @@ class ServeConfig:
         device: auto, cpu or cuda.
         max_upload_mb: the largest request body, checked before anything is decoded.
         queue: requests that may wait for the model while one runs; more get 503 with Retry-After.
-        token: when set, every /api call needs it (Authorization: Bearer, X-Token header, or ?token=).
+        token: when set, every /api call needs it (Authorization: Bearer, X-Token header, or ?token=); a call
+            with it gets an HttpOnly, SameSite=Strict cookie that the page's images then carry.
         allowed_hosts: Host headers accepted (DNS-rebinding guard); '*' accepts any.
         max_pixels: the decompression-bomb limit.
         preload: load every model at start instead of on first use.
@@ -148,6 +150,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         started = False
+        set_cookie = False
 
         async def send_with_headers(message: dict) -> None:
             nonlocal started
@@ -155,6 +158,9 @@ class Guard:
                 started = True
                 extra = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
                          (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store")]
+                if set_cookie:
+                    extra.append((b"set-cookie", f"{COOKIE}={self.config.token}; HttpOnly; SameSite=Strict; "
+                                                 "Path=/api".encode()))
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
 
@@ -165,10 +171,13 @@ class Guard:
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path, method = scope.get("path", ""), scope.get("method", "GET")
-        if path.startswith("/api/") and self.config.token and not self._authorised(scope, headers):
-            await reply(401, "this server needs its token: send 'Authorization: Bearer TOKEN' "
-                             "(the page: open it with ?token=TOKEN)")
-            return
+        if path.startswith("/api/") and self.config.token:
+            how = self._authorised(scope, headers)
+            if how is None:
+                await reply(401, "this server needs its token: send 'Authorization: Bearer TOKEN' "
+                                 "(the page: open it with ?token=TOKEN)")
+                return
+            set_cookie = how != "cookie"
         if method not in ("GET", "HEAD", "OPTIONS"):
             if not self._same_origin(headers):
                 await reply(403, "cross-origin request refused; use the page served by this server")
@@ -206,17 +215,27 @@ class Guard:
         return (f"the upload is larger than the server's limit of {self.config.max_upload_mb:g} MB; "
                 "send a smaller file or start the server with a larger --max-upload-mb")
 
-    def _authorised(self, scope: dict, headers: dict[str, str]) -> bool:
-        token = self.config.token or ""
-        given = headers.get("x-token") or ""
-        auth = headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if not given:
-            from urllib.parse import parse_qs
+    def _authorised(self, scope: dict, headers: dict[str, str]) -> str | None:
+        """How the request proved it has the token ('header', 'query' or 'cookie'), or None."""
+        from http.cookies import SimpleCookie
+        from urllib.parse import parse_qs
 
-            given = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token") or [""])[0]
-        return hmac.compare_digest(given.encode(), token.encode())
+        auth = headers.get("authorization", "")
+        cookies = SimpleCookie()
+        try:
+            cookies.load(headers.get("cookie", ""))
+        except Exception:
+            cookies = SimpleCookie()
+        candidates = {
+            "header": auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-token", ""),
+            "query": (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token") or [""])[0],
+            "cookie": cookies[COOKIE].value if COOKIE in cookies else "",
+        }
+        want = (self.config.token or "").encode()
+        for how, given in candidates.items():
+            if given and hmac.compare_digest(given.encode(), want):
+                return how
+        return None
 
     @staticmethod
     def _same_origin(headers: dict[str, str]) -> bool:

@@ -41,14 +41,24 @@ DISPLAY_SIDE = 768  # the longest side of the images and overlays sent to the br
 SIGNS = ("abs", "positive", "signed")
 
 
+MAX_COUNT_OPTION = 4096  # samples, steps, masks: a single request may not hold the model for hours
+
+
 def parse_options(pairs: Sequence[str], specs: Sequence[MethodSpec]) -> dict[str, dict[str, Any]]:
     """['smoothgrad.n_samples=8', ...] -> {'smoothgrad': {'n_samples': 8}}, with the CLI's own checks and messages.
 
     The one adapter to the option parser: it lives in the CLI today and moves to the methods registry.
+    Integer options are capped at MAX_COUNT_OPTION on the server.
     """
     from saliencylab.cli import parse_method_options
 
-    return parse_method_options(list(pairs), list(specs), None)
+    opts = parse_method_options(list(pairs), list(specs), None)
+    for method, values in opts.items():
+        for key, value in values.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_COUNT_OPTION:
+                raise UserError(f"--set {method}.{key}={value}: above this server's cap of {MAX_COUNT_OPTION}; "
+                                "use the CLI for longer runs")
+    return opts
 
 
 @dataclass(frozen=True)
@@ -272,7 +282,7 @@ class Result:
     """One explained image, kept in memory so that overlays can be redrawn and maps downloaded.
 
     Attributes:
-        image: display pixels, float32 [0, 1], longest side <= DISPLAY_SIDE.
+        image: display pixels, uint8 (H, W) or (H, W, 3), longest side <= DISPLAY_SIDE (overlays draw on uint8).
         size: (H, W) of the decoded original.
         maps: raw maps at the model's input size, (h, w) float32, per method.
         masks: bool masks at the display size ('lungs', 'lesions', 'marker', 'student').
@@ -337,7 +347,8 @@ def explain_image(clf: Classifier, img: LoadedImage, specs: Sequence[MethodSpec]
     i = int(tgt[0])
     return Result(
         id=uuid.uuid4().hex[:16], model=model_label, model_info=clf.describe(), filename=img.source,
-        image=resize_image(img.pixels, display_size(img.size)), size=img.size, decoded=jsonable(img.meta),
+        image=to_uint8(resize_image(img.pixels, display_size(img.size)))[..., 0] if img.pixels.ndim == 2
+        else to_uint8(resize_image(img.pixels, display_size(img.size))), size=img.size, decoded=jsonable(img.meta),
         top=top, target={"index": i, "class": clf.class_names[i], "probability": float(probs[0, i])},
         maps=maps, methods=methods, settings={"target": target, "methods": [s.name for s in specs]},
     )

@@ -11,10 +11,8 @@ const token = (() => {
   return sessionStorage.getItem("saliencylab-token") || "";
 })();
 
-function withToken(url) {
-  if (!token) return url;
-  return url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token);
-}
+// images carry the HttpOnly cookie that the server sets on the first API call with the token
+function withToken(url) { return url; }
 
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
