@@ -460,3 +460,27 @@ def test_models_are_loaded_once(photo, monkeypatch):
             assert explain(c, png(photo)).status_code == 200
         assert c.get("/api/classes").status_code == 200
     assert calls == [("torchvision:resnet18",)]
+
+
+def test_a_binary_chest_xray_checkpoint_in_teaching_mode(tmp_path):
+    """A single-logit checkpoint offered by path: positive/negative targets, two-class top list, teaching."""
+    from saliencylab.models import load_model
+    from saliencylab.models.registry import save_checkpoint
+
+    clf = load_model("cxr_cnn", weights="random", image_size=64)
+    save_checkpoint(clf, tmp_path / "best.pt", arch="cxr_cnn", arch_kwargs={"image_size": 64})
+    entry = core.ModelEntry.parse(str(tmp_path / "best.pt"))
+    ph = teaching.phantom("phantom-3")
+    with TestClient(create_app(ServeConfig(models=(entry,), allowed_hosts=HOSTS))) as c:
+        assert c.get("/api/classes").json()["binary"] is True
+        image = png(ph.image)
+        for target, index in (("positive", 1), ("negative", 0), ("Normal", 0)):
+            body = explain(c, image, target=target, methods="gradcam").json()
+            assert body["target"]["index"] == index and len(body["top"]) == 2
+            assert sum(t["probability"] for t in body["top"]) == pytest.approx(1.0)
+        region = png(ph.lungs.astype(np.float32))
+        r = c.post("/api/teaching/attempt", files={"region": ("r.png", region, "image/png")},
+                   data={"exercise": "phantom-3", "method": "gradcam"})
+        t = r.json()["teaching"]
+        assert t["student"]["lesion_covered"] is None  # a clear chest: nothing to find
+        assert t["localisation"]["student"]["mass"] == pytest.approx(t["localisation"]["lungs"]["mass"], abs=1e-6)

@@ -85,7 +85,8 @@ def teaching_reading(loc: dict[str, Any]) -> list[str]:
         r = loc[key]
         if r["mass"] is None:
             continue
-        lines.append(f"{100 * r['mass']:.0f}% of the saliency lies {where}, which cover{'s' if key != 'lungs' else ''} "
+        verb = "cover" if key in ("lungs", "lesions") else "covers"
+        lines.append(f"{100 * r['mass']:.0f}% of the saliency lies {where}, which {verb} "
                      f"{100 * r['chance']:.0f}% of the image: {r['reading']}.")
     marker = loc.get("marker")
     if marker and marker["ratio"] is not None and marker["ratio"] > 2:
