@@ -193,6 +193,16 @@ def test_workbench_in_a_real_browser(server, browser, tmp_path):
     assert "Your marks cover" in reading and "inside the lungs" in reading
     browser.save_screenshot(str(ARTIFACTS / "serve-teaching.png"))
 
+    # ... and on the user's own image (the DICOM chosen in the Explain tab)
+    Select(find(By.ID, "exercise")).select_by_value("own-image")
+    _wait(browser, lambda b: b.find_element(By.ID, "teach-img").get_attribute("complete") == "true")
+    ActionChains(browser).move_to_element_with_offset(canvas, 10, -10).click().perform()
+    find(By.ID, "teach-go").click()
+    _wait(browser, lambda b: b.find_element(By.ID, "teach-table").is_displayed()
+          and len(b.find_elements(By.CSS_SELECTOR, "#teach-table tbody tr")) == 2)
+    regions = [r.get_attribute("data-region") for r in browser.find_elements(By.CSS_SELECTOR, "#teach-table tbody tr")]
+    assert regions == ["student", "border"] and not find(By.ID, "teach-lesions").is_displayed()
+
     # 5. the API docs page works offline (no Swagger UI from a CDN)
     browser.get(server + "/docs")
     _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, ".endpoint")) >= 10)

@@ -75,6 +75,10 @@ function setupTabs() {
       t.tabIndex = on ? 0 : -1;
       $(t.getAttribute("aria-controls")).hidden = !on;
     }
+    if (tab.id === "tab-teach" && teach.exercises.length) {
+      fillExercises();
+      if ($("exercise").value === OWN) startExercise();  // the Explain tab's image may have changed
+    }
     tab.focus();
   };
   tabs.forEach((tab, i) => {
@@ -375,16 +379,32 @@ const teach = { mask: null, marks: null, cursor: null, drawing: false, exercises
 async function loadExercises() {
   const list = await api("/api/teaching/exercises");
   teach.exercises = list.exercises;
-  $("exercise").replaceChildren(...list.exercises.map((x) => el("option", { value: x.id, text: x.title })));
+  fillExercises();
   $("exercise").addEventListener("change", startExercise);
   startExercise();
 }
 
+const OWN = "own-image";
+
+function fillExercises() {
+  const keep = $("exercise").value;
+  const options = teach.exercises.map((x) => el("option", { value: x.id, text: x.title }));
+  if (state.file && $("preview").naturalWidth) {
+    options.push(el("option", { value: OWN, text: "Your image: " + state.file.name +
+      ($("lung-mask").files[0] ? " (with its lung mask)" : "") }));
+  }
+  $("exercise").replaceChildren(...options);
+  if (Array.from($("exercise").options).some((o) => o.value === keep)) $("exercise").value = keep;
+}
+
 function startExercise() {
-  const ex = teach.exercises.find((x) => x.id === $("exercise").value);
+  const own = $("exercise").value === OWN;
+  const ex = own ? { image: $("preview").src, size: [$("preview").naturalHeight, $("preview").naturalWidth] }
+    : teach.exercises.find((x) => x.id === $("exercise").value);
   const canvas = $("teach-canvas");
   canvas.width = ex.size[1];
   canvas.height = ex.size[0];
+  for (const frame of document.querySelectorAll("#panel-teach .frame")) frame.style.setProperty("--aspect", aspectOf(ex.size));
   for (const key of ["mask", "marks"]) {
     teach[key] = document.createElement("canvas");
     teach[key].width = canvas.width;
@@ -470,7 +490,13 @@ async function runAttempt() {
   const blob = await new Promise((resolve) => teach.mask.toBlob(resolve, "image/png"));
   const form = new FormData();
   form.append("region", blob, "region.png");
-  form.append("exercise", $("exercise").value);
+  if ($("exercise").value === OWN) {
+    form.append("image", state.file);
+    form.append("window", $("window").value);
+    if ($("lung-mask").files[0]) form.append("lung_mask", $("lung-mask").files[0]);
+  } else {
+    form.append("exercise", $("exercise").value);
+  }
   form.append("model", $("teach-model").value);
   form.append("method", $("teach-method").value);
   $("teach-go").disabled = true;
