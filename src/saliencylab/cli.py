@@ -438,6 +438,27 @@ def report(
     typer.echo(f"wrote {path}")
 
 
+@app.command(epilog="Examples:  saliencylab serve  ·  saliencylab serve --model efficientnet_lite0 --model "
+                    "runs/cxr/best.pt  ·  saliencylab serve --host 0.0.0.0 --token \"$(openssl rand -hex 16)\"")
+@friendly
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (another one needs --token to be safe)"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    model: list[str] = typer.Option(None, "--model", "-m", help="a model to offer, NAME or NAME@WEIGHTS "
+                                                                 "(repeatable; default efficientnet_lite0)"),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01,
+                                        help="largest upload, checked before decoding"),
+    queue: int = typer.Option(4, "--queue", min=0, help="requests that may wait for the model (more get 503)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    token: str = typer.Option(None, "--token", envvar="SALIENCYLAB_TOKEN", help="require this token on every API call"),
+) -> None:
+    """A browser workbench and HTTP API on this machine (needs `pip install saliencylab[web]`)."""
+    from saliencylab.web.server import run_server
+
+    run_server(host=host, port=port, models=model or ["efficientnet_lite0"], max_upload_mb=max_upload_mb,
+               queue=queue, device=device, token=token, log=typer.echo)
+
+
 @app.command("methods")
 @friendly
 def list_methods(as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
