@@ -59,3 +59,14 @@ def test_bootstrap_is_seeded():
     labels, probs = _from_counts(30, 5, 40, 6)
     a, b = binary_metrics(labels, probs, n_boot=100, seed=1), binary_metrics(labels, probs, n_boot=100, seed=1)
     assert a["f1"] == b["f1"]
+
+
+def test_undefined_metrics_say_why():
+    labels = np.array([0, 0, 0, 0])  # no positive image
+    m = binary_metrics(labels, np.array([0.1, 0.2, 0.3, 0.4]), n_boot=20)
+    assert math.isnan(m["sensitivity"]["value"]) and math.isnan(m["auroc"]["value"])
+    assert m["undefined"] == {"sensitivity": "no positive images", "ppv": "no positive predictions",
+                              "f1": "no positive images and no positive predictions",
+                              "balanced_accuracy": "needs both positive and negative images",
+                              "auroc": "needs both positive and negative images"}
+    assert binary_metrics(*_from_counts(5, 1, 6, 2), n_boot=20)["undefined"] == {}

@@ -76,6 +76,10 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, *, threshold: float = 
         labels: 0/1 per image (1: positive class).
         probs: predicted probability of the positive class per image.
         threshold: predicted positive when prob >= threshold.
+
+    Returns:
+        Each metric's value is NaN when undefined (e.g. PPV with no positive prediction); 'undefined' maps
+        each such metric to the reason.
     """
     labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
     preds = (probs >= threshold).astype(int)
@@ -98,6 +102,7 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, *, threshold: float = 
     for name, value in (("f1", _f1(c)), ("balanced_accuracy", _balanced(c)), ("auroc", _auroc(labels, probs))):
         lo, hi = boot.get(name, (math.nan, math.nan))
         out[name] = {"value": value, "ci_low": lo, "ci_high": hi}
+    out["undefined"] = _undefined_reasons(out)
     majority = int(labels.mean() >= 0.5) if n else 0
     base = confusion(labels, np.full(n, majority))
     out["majority_baseline"] = {
@@ -106,6 +111,16 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, *, threshold: float = 
         "balanced_accuracy": 0.5, "sensitivity": float(majority), "specificity": float(1 - majority),
     }
     return out
+
+
+def _undefined_reasons(out: dict[str, Any]) -> dict[str, str]:
+    """Why each NaN metric is undefined, so a report can say so instead of printing 'nan'."""
+    why = {"accuracy": "no images", "sensitivity": "no positive images", "specificity": "no negative images",
+           "ppv": "no positive predictions", "npv": "no negative predictions",
+           "f1": "no positive images and no positive predictions",
+           "balanced_accuracy": "needs both positive and negative images",
+           "auroc": "needs both positive and negative images"}
+    return {k: reason for k, reason in why.items() if math.isnan(out[k]["value"])}
 
 
 def in_words(metrics: dict[str, Any], classes: tuple[str, str]) -> list[str]:
