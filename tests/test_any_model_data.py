@@ -93,7 +93,8 @@ def test_csv_dataset(tmp_path):
     ds = load_csv(tmp_path / "list.csv", classes=("Normal", "COVID"))
     assert ds.layout == "csv" and ds.root == tmp_path and ds.has_masks
     assert [(r.file, r.label, r.cls, r.mask, r.group) for r in ds.records] == [
-        ("a.png", 1, "COVID", "m/a.png", "p1"), ("b.png", 0, "Normal", None, "p1"), ("sub/c.png", 1, "COVID", None, "p2")]
+        ("a.png", 1, "COVID", "m/a.png", "p1"), ("b.png", 0, "Normal", None, "p1"),
+        ("sub/c.png", 1, "COVID", None, "p2")]
     assert load_labelled(tmp_path / "list.csv", classes=("Normal", "COVID")).records == ds.records
     for text, words in (("f,label\nx.png,COVID\n", "needs the columns file,label"),
                         ("file,label\na.png,Cat\n", "line 2: label 'Cat' is not one of"),

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from saliencylab.cli import app
 from saliencylab.data.datasets import load_mask, read_metadata
-from saliencylab.metrics.localisation import mass_inside
+from saliencylab.metrics.localisation import mask_auroc, mass_inside, pointing_chance, relevance_rank_accuracy
 from saliencylab.models.registry import load_checkpoint
 from saliencylab.studies.audit import CHECKS, NEED_REASONS
 
@@ -52,7 +52,7 @@ def test_audit_numbers_match_an_independent_recomputation(cxr_run, cxr_data, tmp
     split = list(csv.DictReader(open(cxr_run / "split.csv")))
     test_files = sorted(r["file"] for r in split if r["split"] == "test")
     assert a["images"] == len(test_files) == 6 and a["kind"] == "run" and a["scope"] == "test split"
-    assert [s["check"] for s in a["skipped"]] == ["data_randomisation"]  # everything else applies to phantoms
+    assert [s["check"] for s in a["skipped"]] == ["smprt", "data_randomisation"]  # the rest applies to phantoms
     meta = read_metadata(cxr_data)
     from saliencylab.metrics.sanity import parameter_layers
 
@@ -79,6 +79,15 @@ def test_audit_numbers_match_an_independent_recomputation(cxr_run, cxr_data, tmp
     lung = load_mask(cxr_data, recs[0].mask, 64)
     row = next(r for r in rows if r["file"] == test_files[0] and r["method"] == "vanilla")
     assert float(row["lung_mass"]) == pytest.approx(mass_inside(m, lung), rel=1e-5)
+    lesion = load_mask(cxr_data, recs[0].lesions, 64)
+    assert float(row["lesion_rank_accuracy"]) == pytest.approx(relevance_rank_accuracy(m, lesion), rel=1e-5)
+    assert float(row["lesion_auroc"]) == pytest.approx(mask_auroc(m, lesion), rel=1e-5)
+    assert float(row["lung_pointing_chance"]) == pytest.approx(pointing_chance(lung))
+    v = a["methods"]["vanilla"]
+    # one logit and a sign-free method: the two classes' maps are the same, and the audit says so
+    assert v["random_logit_identical"] is True and "one logit" in v["random_logit_note"]
+    assert v["signed"] is False and v["lung_mass_positive"] == pytest.approx(v["lung_mass"])
+    assert -1 <= v["faithfulness_correlation"] <= 1 and 0 <= v["sparseness"] <= 1
     # probes: accuracy from the per-image rows, and the marker swap's own arithmetic
     labels = np.array([int(r["label"]) for r in rows if r["method"] == "vanilla"])
     probs = np.array([float(r["probability"]) for r in rows if r["method"] == "vanilla"])

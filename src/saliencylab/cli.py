@@ -339,6 +339,7 @@ def audit(
     road: bool = typer.Option(False, "--road", help="also fill removed pixels by noisy linear imputation (slow)"),
     data_randomisation: bool = typer.Option(False, "--data-randomisation",
                                             help="also retrain on shuffled labels and compare the maps (slow)"),
+    smprt: bool = typer.Option(False, "--smprt", help="also the smoothed randomisation test, sMPRT (slow)"),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="images per batch (memory stays flat in --n)"),
     out: Path = typer.Option(None, "--out", help="output folder (default: RUN/audit or runs/<model>-<data>/audit)"),
@@ -355,7 +356,7 @@ def audit(
                        classes=_class_list(classes), masks=masks, methods=methods, n=n,
                        compare=str(compare) if compare else None, sanity_images=sanity_images,
                        faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,
-                       seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo)
+                       smprt=smprt, seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo)
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
     typer.echo(f"wrote {result['out']}/audit.json, audit_images.csv, flagged.csv, unreadable.json and figures")
 

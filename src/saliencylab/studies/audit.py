@@ -33,7 +33,18 @@ from saliencylab.data.datasets import Record, load_mask
 from saliencylab.errors import UserError
 from saliencylab.fsutil import write_json, write_text
 from saliencylab.methods import MethodSpec, get_method, parse_methods
-from saliencylab.metrics.localisation import border_mask, box_mask, corner_mask, mass_inside, otsu_iou, pointing_game
+from saliencylab.metrics.localisation import (
+    border_mask,
+    box_mask,
+    corner_mask,
+    mask_auroc,
+    mass_inside,
+    otsu_iou,
+    pointing_chance,
+    pointing_game,
+    relevance_mass_positive,
+    relevance_rank_accuracy,
+)
 from saliencylab.render.figures import save_figure
 from saliencylab.studies.subject import Subject, check_input, class_probabilities, load_batch, load_run, resolve
 
@@ -51,12 +62,14 @@ class AuditConfig:
         sanity_images: images (of the first batch) for the randomisation checks.
         faithfulness_images: images (the first ones) for deletion / insertion curves.
         road: also fill removed pixels by noisy linear imputation (Rong et al. 2022).
+        faithfulness_subsets: random pixel subsets per image for the faithfulness correlation.
         seed: seeds noise, random maps and randomised weights.
     """
 
     sanity_images: int = 8
     faithfulness_images: int = 16
     road: bool = False
+    faithfulness_subsets: int = 50
     seed: int = 0
 
 
@@ -116,6 +129,7 @@ NEED_REASONS = {
     "two_methods": "only one method was audited",
     "compare": "no second model (--compare)",
     "shuffled": "not asked for (--data-randomisation, on a training run)",
+    "smprt": "not asked for (--smprt; about 16 times the cost of the randomisation check)",
 }
 
 
@@ -195,31 +209,62 @@ def _positive(probs: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class LungRow:
-    """Saliency against the lung mask for one image and method (NaN without a mask)."""
+class RegionRow:
+    """Saliency against one region mask (lungs or lesions) for one image and method; NaN without a mask.
+
+    Attributes:
+        mass: share of |map| inside (chance: `share`); mass_positive: Arras et al.'s relevance mass
+            (positive relevance only; equal to `mass` for unsigned maps).
+        pointing: pointing-game hit (tolerance scaled to the image); pointing_chance: a random peak's hit rate.
+        rank_accuracy: share of the top-K pixels inside (K = mask size; chance: `share`).
+        auroc: the map as a pixel classifier of the mask (chance 0.5).
+    """
 
     file: str
     method: str
-    lung_mass: float
-    lung_share: float
-    lung_pointing: float
+    region: str
+    mass: float
+    mass_positive: float
+    share: float
+    pointing: float
+    pointing_chance: float
+    rank_accuracy: float
+    auroc: float
+    iou: float
 
 
-def _lungs_summary(rows: list[LungRow], cfg: AuditConfig) -> dict[str, Any]:
-    mass, share = _mean_of(rows, "lung_mass"), _mean_of(rows, "lung_share")
-    return {"lung_mass": mass, "lung_share": share,
-            "lung_ratio": mass / share if share and math.isfinite(share) else math.nan,
-            "lung_pointing": _mean_of(rows, "lung_pointing"),
-            "flagged": [r.file for r in rows if r.lung_mass < 0.5]}
+def _region_rows(b: Batch, region: str, masks: tuple[np.ndarray | None, ...]) -> list[RegionRow]:
+    rows = []
+    for name, m in b.maps.items():
+        for i, f in enumerate(b.files):
+            mask = masks[i]
+            rows.append(RegionRow(
+                f, name, region, _score(mass_inside, m[i], mask), _score(relevance_mass_positive, m[i], mask),
+                float(mask.mean()) if mask is not None else math.nan, _score(pointing_game, m[i], mask),
+                _quiet(pointing_chance, mask) if mask is not None else math.nan,
+                _score(relevance_rank_accuracy, m[i], mask), _score(mask_auroc, m[i], mask),
+                _score(otsu_iou, m[i], mask)))
+    return rows
 
 
-@register_check("lungs", summarise=_lungs_summary, needs=("lungs",))
-def lungs(b: Batch, cfg: AuditConfig) -> list[LungRow]:
-    """Share of the saliency inside the lungs (chance: the lungs' share of the image) and the pointing game."""
-    return [LungRow(f, name, _score(mass_inside, m[i], b.lungs[i]),
-                    float(b.lungs[i].mean()) if b.lungs[i] is not None else math.nan,
-                    _score(pointing_game, m[i], b.lungs[i]))
-            for name, m in b.maps.items() for i, f in enumerate(b.files)]
+def _region_summary(prefix: str) -> Callable[[list[RegionRow], AuditConfig], dict[str, Any]]:
+    def summarise(rows: list[RegionRow], cfg: AuditConfig) -> dict[str, Any]:
+        keys = ("mass", "mass_positive", "share", "pointing", "pointing_chance", "rank_accuracy", "auroc", "iou")
+        out = {f"{prefix}_{k}": _mean_of(rows, k) for k in keys}
+        if prefix == "lung":
+            mass, share = out["lung_mass"], out["lung_share"]
+            out["lung_ratio"] = mass / share if share and math.isfinite(share) else math.nan
+            out["flagged"] = [r.file for r in rows if r.mass < 0.5]
+        return out
+
+    return summarise
+
+
+@register_check("lungs", summarise=_region_summary("lung"), needs=("lungs",))
+def lungs(b: Batch, cfg: AuditConfig) -> list[RegionRow]:
+    """Saliency against the lungs: mass (absolute and positive), pointing game, rank accuracy, mask AUROC,
+    each beside its chance level."""
+    return _region_rows(b, "lungs", b.lungs)
 
 
 @dataclass(frozen=True)
@@ -242,22 +287,11 @@ def border(b: Batch, cfg: AuditConfig) -> list[BorderRow]:
             for name, m in b.maps.items() for i, f in enumerate(b.files)]
 
 
-@dataclass(frozen=True)
-class LesionRow:
-    file: str
-    method: str
-    lesion_mass: float
-    lesion_pointing: float
-    lesion_iou: float
-
-
-@register_check("lesions", needs=("lesions",), summarise=lambda rows, cfg: {
-    k: _mean_of(rows, k) for k in ("lesion_mass", "lesion_pointing", "lesion_iou")})
-def lesions(b: Batch, cfg: AuditConfig) -> list[LesionRow]:
-    """Saliency on the findings: mass, pointing game and Otsu IoU against the lesion mask."""
-    return [LesionRow(f, name, _score(mass_inside, m[i], b.lesions[i]), _score(pointing_game, m[i], b.lesions[i]),
-                      _score(otsu_iou, m[i], b.lesions[i]))
-            for name, m in b.maps.items() for i, f in enumerate(b.files)]
+@register_check("lesions", needs=("lesions",), summarise=_region_summary("lesion"))
+def lesions(b: Batch, cfg: AuditConfig) -> list[RegionRow]:
+    """Saliency on the findings: the same scores against the lesion mask, threshold-free ones (relevance
+    rank accuracy, mask AUROC) included, and the Otsu IoU of CheXlocalize."""
+    return _region_rows(b, "lesions", b.lesions)
 
 
 @dataclass(frozen=True)
@@ -362,6 +396,59 @@ def faithfulness(b: Batch, cfg: AuditConfig) -> list[FaithfulnessRow]:
     return rows
 
 
+@dataclass(frozen=True)
+class CorrelationRow:
+    """Faithfulness correlation of one image's map (Bhatt et al. 2020; chance 0)."""
+
+    file: str
+    method: str
+    correlation: float
+
+
+@register_check("faithfulness_correlation", summarise=lambda rows, cfg: {
+    "faithfulness_correlation": _mean_of(rows, "correlation")})
+def faithfulness_correlation_check(b: Batch, cfg: AuditConfig) -> list[CorrelationRow]:
+    """Correlation between the saliency of random pixel subsets and the score drop when they are removed,
+    on the first `faithfulness_images` images."""
+    from saliencylab.metrics.faithfulness import faithfulness_correlation
+
+    k = max(0, min(cfg.faithfulness_images - b.offset, len(b.x)))
+    if not k:
+        return []
+    rows = []
+    for name, maps in b.maps.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            corr = faithfulness_correlation(b.model, b.x[:k], b.targets[:k], maps[:k],
+                                            n_subsets=cfg.faithfulness_subsets, seed=cfg.seed)
+        rows += [CorrelationRow(b.files[i], name, float(c)) for i, c in enumerate(corr)]
+    return rows
+
+
+@dataclass(frozen=True)
+class ComplexityRow:
+    """How concentrated a map is: Gini sparseness of |map| (higher: sparser; constant 0) and its normalised
+    entropy (lower: simpler; constant 1)."""
+
+    file: str
+    method: str
+    sparseness: float
+    complexity: float
+    signed: bool
+
+
+@register_check("complexity", summarise=lambda rows, cfg: {
+    "sparseness": _mean_of(rows, "sparseness"), "complexity": _mean_of(rows, "complexity"),
+    "signed": bool(rows) and any(r.signed for r in rows)})
+def complexity_check(b: Batch, cfg: AuditConfig) -> list[ComplexityRow]:
+    """Sparseness (Chalasani et al. 2020) and complexity (Bhatt et al. 2020) of each map."""
+    from saliencylab.metrics.complexity import complexity, sparseness
+
+    return [ComplexityRow(f, name, _quiet(sparseness, m[i].numpy()), _quiet(complexity, m[i].numpy(), normalised=True),
+                          bool((m[i] < 0).any()))
+            for name, m in b.maps.items() for i, f in enumerate(b.files)]
+
+
 # ------------------------------------------------------------------------------------------------- sanity
 
 
@@ -392,6 +479,87 @@ def sanity(b: Batch, cfg: AuditConfig) -> list[SanityRow]:
             warnings.simplefilter("ignore")
             rows.append(SanityRow(name, *(randomisation_check(b.model, b.x[:k], b.targets[:k], fn, seed=cfg.seed,
                                                               mode=mode) for mode in ("cascading", "independent"))))
+    return rows
+
+
+@dataclass(frozen=True)
+class RandomLogitRow:
+    """Similarity (SSIM) of the map for the explained class and for another class; `identical` when the two
+    maps are the same (a single-logit model with a sign-free method), with the reason."""
+
+    file: str
+    method: str
+    similarity: float
+    identical: bool
+    reason: str | None
+
+
+def _random_logit_summary(rows: list[RandomLogitRow], cfg: AuditConfig) -> dict[str, Any]:
+    identical = bool(rows) and all(r.identical for r in rows)
+    return {"random_logit": _mean_of(rows, "similarity"), "random_logit_identical": identical,
+            "random_logit_note": rows[0].reason if identical else None}
+
+
+@register_check("random_logit", summarise=_random_logit_summary)
+def random_logit_check(b: Batch, cfg: AuditConfig) -> list[RandomLogitRow]:
+    """Random Logit (Sixt et al. 2020) on the first batch's `sanity_images` images: is the map for one class
+    different from the map for another? Lower is better; compare with the sanity check's unrelated-images line."""
+    from saliencylab.metrics.sanity import random_logit
+
+    if b.offset:
+        return []
+    k = min(cfg.sanity_images, len(b.x))
+    rows = []
+    for name, fn in b.fns.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = random_logit(b.model, b.x[:k], b.targets[:k], fn, seed=cfg.seed, maps=b.maps[name][:k])
+        rows += [RandomLogitRow(b.files[i], name, float(g["similarity"]), bool(g["identical"]), g.get("reason"))
+                 for i, g in enumerate(got)]
+    return rows
+
+
+@dataclass(frozen=True)
+class MprtRow:
+    """eMPRT (and sMPRT when asked) of one method on the first batch."""
+
+    method: str
+    result: dict[str, Any] | None
+
+
+@register_check("emprt", summarise=lambda rows, cfg: {
+    "emprt_rise": rows[0].result["mean_rise"] if rows and rows[0].result else math.nan})
+def emprt(b: Batch, cfg: AuditConfig) -> list[MprtRow]:
+    """eMPRT (Hedström et al. 2023): relative rise of the map's complexity when every layer is randomised
+    (0: the map ignores the model; higher is better), on the first batch's `sanity_images` images."""
+    from saliencylab.metrics.sanity import efficient_mprt
+
+    if b.offset:
+        return []
+    k = min(cfg.sanity_images, len(b.x))
+    rows = []
+    for name, fn in b.fns.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows.append(MprtRow(name, efficient_mprt(b.model, b.x[:k], b.targets[:k], fn, seed=cfg.seed,
+                                                     maps=b.maps[name][:k])))
+    return rows
+
+
+@register_check("smprt", needs=("smprt",), summarise=lambda rows, cfg: {"smprt": rows[0].result if rows else None})
+def smprt(b: Batch, cfg: AuditConfig) -> list[MprtRow]:
+    """sMPRT (Hedström et al. 2023): the randomisation check on maps averaged over noisy copies, bottom-up."""
+    from saliencylab.metrics.sanity import smooth_mprt
+
+    if b.offset:
+        return []
+    k = min(cfg.sanity_images, len(b.x))
+    rows = []
+    for name, fn in b.fns.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows.append(MprtRow(name, smooth_mprt(b.model, b.x[:k], b.targets[:k], fn, seed=cfg.seed)
+                                if b.uses_model[name] else None))
     return rows
 
 
@@ -568,7 +736,8 @@ def marker_swap(b: Batch, cfg: AuditConfig) -> list[MarkerSwapRow]:
 def audit(run: str | Path | None = None, *, model: str | None = None, weights: str | None = None,
           data: str | Path | None = None, classes: Sequence[str] | None = None, masks: str | Path | None = None,
           methods: str | None = None, n: int | None = 64, compare: str | None = None, sanity_images: int = 8,
-          faithfulness_images: int = 16, road: bool = False, data_randomisation: bool = False, seed: int = 0,
+          faithfulness_images: int = 16, road: bool = False, data_randomisation: bool = False,
+          smprt: bool = False, faithfulness_subsets: int = 50, seed: int = 0,
           batch_size: int = 16, options: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
           progress: bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Audit the saliency maps of a run, an explain folder, or any model on any labelled data; write
@@ -581,13 +750,14 @@ def audit(run: str | Path | None = None, *, model: str | None = None, weights: s
     """
     subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed)
     specs, options = _methods(subject, methods, options)
-    cfg = AuditConfig(sanity_images=sanity_images, faithfulness_images=faithfulness_images, road=road, seed=seed)
+    cfg = AuditConfig(sanity_images=sanity_images, faithfulness_images=faithfulness_images, road=road,
+                      faithfulness_subsets=faithfulness_subsets, seed=seed)
     others: dict[str, nn.Module] = {}
     if compare:
         others["compare"] = _other_model(compare, subject)
     if data_randomisation and subject.kind == "run":
         others["shuffled"] = _shuffled_label_model(subject.base, subject.config, log)
-    available = _available(subject, specs, others)
+    available = _available(subject, specs, others) | ({"smprt"} if smprt else set())
     active = [c for c in CHECKS.values() if all(need in available for need in c.needs)]
     skipped = [{"check": c.name, "reason": "; ".join(NEED_REASONS[need] for need in c.needs
                                                       if need not in available)}
@@ -694,7 +864,7 @@ def _stream(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[s
                                    for i, r in enumerate(recs)]
             first = specs[0].name
             for row in rows.get("lungs", [])[-len(recs) * len(specs):]:
-                if row.method == first and row.lung_mass < 0.5 and len(thumbs) < 8:
+                if row.method == first and row.mass < 0.5 and len(thumbs) < 8:
                     i = batch.files.index(row.file)
                     thumbs.append((_display(batch.x[i]), batch.maps[first][i].numpy(), batch.lungs[i], row.file,
                                    float(batch.probs[i, int(batch.targets[i])])))
@@ -872,13 +1042,15 @@ def image_rows(rows: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
         check = CHECKS.get(name)
         if check is None or not check.per_method or not got or not hasattr(got[0], "file"):
             continue
-        if name in ("faithfulness", "data_randomisation", "agreement_between_models"):
+        if name not in ("lungs", "lesions", "border", "marker", "stability", "complexity"):
             continue  # not every image / kept in the summary
         for r in got:
             p = preds[r.file]
             row = merged.setdefault((r.file, r.method), {"file": r.file, "label": p.label,
                                                           "probability": round(p.probability, 6), "method": r.method})
-            row.update({f.name: getattr(r, f.name) for f in fields(r) if f.name not in ("file", "method")})
+            prefix = {"lungs": "lung_", "lesions": "lesion_"}.get(name, "")
+            row.update({prefix + f.name: getattr(r, f.name) for f in fields(r)
+                        if f.name not in ("file", "method", "region")})
     return list(merged.values())
 
 
