@@ -859,8 +859,9 @@ def _stream(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[s
                 t = time.perf_counter()
                 rows.setdefault(check.name, []).extend(check.run(batch, cfg))
                 tick(check.name, t)
+            shown = batch.probs[:, 1] if batch.probs.shape[1] == 2 else batch.probs.max(1)  # as PredictionRow
             rows["__images__"] += [PredictionRow(r.file, -1 if batch.labels is None else int(batch.labels[i]),
-                                                 int(batch.probs[i].argmax()), float(batch.probs[i].max()))
+                                                 int(batch.probs[i].argmax()), float(shown[i]))
                                    for i, r in enumerate(recs)]
             first = specs[0].name
             for row in rows.get("lungs", [])[-len(recs) * len(specs):]:
