@@ -29,6 +29,9 @@ STD_HELP = "per-channel std the model divides by, e.g. 0.229,0.224,0.225"
 CLASSES_HELP = "class names, comma-separated, one per output (negative,positive for one logit)"
 CLASSES_FILE_HELP = "a text file of class names, one per line"
 WEIGHTS_HELP = "a weights file (state dict) for the model; 'random' for an untrained one"
+DATA_HELP = ("labelled images: a dataset folder (<class>/images + <class>/masks, <class>/*.png) or a CSV of "
+             "file,label[,mask][,group] (default: the run's own test split)")
+MASKS_HELP = "a folder of lung masks, matched to the images by file name"
 
 
 def friendly(fn: F) -> F:
@@ -305,22 +308,30 @@ def train(
 
 
 @app.command(epilog="Examples:  saliencylab evaluate runs/cxr  ·  saliencylab evaluate runs/cxr --data "
-                    "data/phantoms-swapped  ·  saliencylab evaluate runs/cxr --threshold 0.3 --methods vanilla,gradcam")
+                    "data/phantoms-swapped  ·  saliencylab evaluate --model model.pt --data images.csv  ·  "
+                    "saliencylab evaluate --model cxr_cnn --weights w.pt --data DIR --classes Normal,COVID --n 500")
 @friendly
 def evaluate(
-    run: Path = typer.Argument(..., help="a run folder written by `saliencylab train`"),
-    data: Path = typer.Option(None, "--data", help="another dataset to test on (default: the run's own test split)"),
+    run: Path = typer.Argument(None, help="a run folder written by `saliencylab train` (or use --model and --data)"),
+    model: str = typer.Option(None, "--model", "-m", help="instead of a run: " + MODEL_HELP),
+    weights: str = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    data: Path = typer.Option(None, "--data", help=DATA_HELP),
+    classes: str = typer.Option(None, "--classes", help=CLASSES_HELP),
+    masks: Path = typer.Option(None, "--masks", help=MASKS_HELP),
+    n: int = typer.Option(None, "--n", min=1, help="a seeded sample of this many images (default: all)"),
     threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0, help="positive when p >= threshold"),
-    out: Path = typer.Option(None, "--out", help="output folder (default: RUN/eval or RUN/eval-<data>)"),
+    out: Path = typer.Option(None, "--out", help="output folder (default: RUN/eval, RUN/eval-<data>, or "
+                                                 "runs/<model>-<data>/eval)"),
     methods: str = typer.Option("vanilla,smoothgrad,integrated_gradients,gradcam", "--methods",
                                 help="saliency methods for Figure 3"),
     per_side: int = typer.Option(2, "--per-side", min=0, help="Figure 3 images predicted near 0 and near 1"),
     low: float = typer.Option(0.1, "--low", help="'near 0' means p <= this"),
     high: float = typer.Option(0.9, "--high", help="'near 1' means p >= this"),
     seed: int = typer.Option(0, "--seed", help="picks Figure 3's images and the bootstrap resamples"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per batch (memory stays flat)"),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
-    """Test a trained model: predictions.csv, metrics.json with 95% CIs, ROC, confusion matrix, Figure 3."""
+    """Test a model: predictions.csv, metrics.json with 95% CIs, ROC, confusion matrix, Figure 3."""
     from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
     from saliencylab.studies.cxr import evaluate as run_eval
@@ -329,71 +340,78 @@ def evaluate(
     parse_methods(methods)
     if out is not None:
         check_output_dir(out, "--out")
-    elif run.is_dir():
+    elif run is not None and run.is_dir():
         check_output_dir(run, "RUN")  # the evaluation goes into RUN/eval...
-    metrics = run_eval(run, data=str(data) if data else None, threshold=threshold, out=out, methods=methods,
-                       n_per_side=per_side, low=low, high=high, seed=seed, progress=progress)
-    typer.echo(f"{metrics['scope']} of {metrics['data']}: {metrics['n']} images")
+    metrics = run_eval(run, model=model, weights=weights, data=str(data) if data else None,
+                       classes=_class_list(classes), masks=masks, n=n, threshold=threshold, out=out, methods=methods,
+                       n_per_side=per_side, low=low, high=high, seed=seed, batch_size=batch_size, progress=progress,
+                       log=lambda line: typer.echo(line, err=True))
+    typer.echo(f"{metrics['scope']} of {metrics['data']}: {metrics['n']} images"
+               + (f" ({metrics['unreadable']} unreadable skipped)" if metrics["unreadable"] else ""))
     for line in summary_lines(metrics):
         typer.echo(line)
-    typer.echo(f"wrote {metrics['out']}/metrics.json, predictions.csv, roc.png, confusion.png, histograms.png"
-               + (", figure3.png" if metrics.get("figure3", {}).get("images") else ""))
+    typer.echo(f"wrote {metrics['out']}/metrics.json, predictions.csv, unreadable.json, roc.png, confusion.png, "
+               "histograms.png" + (", figure3.png" if metrics.get("figure3", {}).get("images") else ""))
 
 
 @app.command(epilog="Examples:  saliencylab audit runs/cxr  ·  saliencylab audit runs/shortcut --n 100 --compare "
-                    "runs/cxr  ·  saliencylab audit runs/cxr --data data/swapped --methods vanilla,gradcam --road")
+                    "runs/cxr  ·  saliencylab audit --model model.pt --data images.csv --masks lungs/  ·  "
+                    "saliencylab audit runs/cxr --data data/swapped --methods vanilla,gradcam --road")
 @friendly
 def audit(
-    run: Path = typer.Argument(..., help="a run folder written by `saliencylab train`, or an `explain` output folder"),
-    methods: str = typer.Option("vanilla,smoothgrad,integrated_gradients,gradcam", "--methods",
-                                help="comma-separated method names, or 'all'"),
-    n: int = typer.Option(64, "--n", min=1, help="test images to audit (seeded sample)"),
-    data: Path = typer.Option(None, "--data", help="another dataset (default: the run's own test split)"),
-    compare: Path = typer.Option(None, "--compare", help="a second run: rank agreement of its maps with these"),
+    run: Path = typer.Argument(None, help="a run folder written by `saliencylab train`, or an `explain` output "
+                                          "folder (or use --model and --data)"),
+    model: str = typer.Option(None, "--model", "-m", help="instead of a run: " + MODEL_HELP),
+    weights: str = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    data: Path = typer.Option(None, "--data", help=DATA_HELP),
+    classes: str = typer.Option(None, "--classes", help=CLASSES_HELP),
+    masks: Path = typer.Option(None, "--masks", help=MASKS_HELP),
+    methods: str = typer.Option(None, "--methods", help="comma-separated method names, or 'all' (default: an "
+                                                        "explain folder's own, else vanilla,smoothgrad,"
+                                                        "integrated_gradients,gradcam)"),
+    n: int = typer.Option(64, "--n", min=1, help="images to audit (seeded sample)"),
+    compare: Path = typer.Option(None, "--compare", help="a second run or model: rank agreement of its maps"),
     sanity_images: int = typer.Option(8, "--sanity-images", min=2, help="images for the randomisation check"),
     faithfulness_images: int = typer.Option(16, "--faithfulness-images", min=1,
                                             help="images for deletion / insertion curves"),
     road: bool = typer.Option(False, "--road", help="also fill removed pixels by noisy linear imputation (slow)"),
     data_randomisation: bool = typer.Option(False, "--data-randomisation",
                                             help="also retrain on shuffled labels and compare the maps (slow)"),
+    smprt: bool = typer.Option(False, "--smprt", help="also the smoothed randomisation test, sMPRT (slow)"),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="images per batch (memory stays flat in --n)"),
-    out: Path = typer.Option(None, "--out", help="output folder (default: RUN/audit)"),
+    out: Path = typer.Option(None, "--out", help="output folder (default: RUN/audit or runs/<model>-<data>/audit)"),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
 ) -> None:
     """Measure whether the saliency maps can be trusted: localisation, sanity, faithfulness, stability, probes.
 
-    On an `explain` output folder (photos, no masks), the checks that apply: sanity, faithfulness,
-    stability and agreement between methods, with the methods and options that `explain` used.
+    Without masks (photos, an explain folder, a CSV without a mask column) the checks that need none run
+    (sanity, faithfulness, stability, agreement); the others are listed as skipped, with the reason.
     """
     from saliencylab.fsutil import check_output_dir
     from saliencylab.studies.audit import audit as run_audit
-    from saliencylab.studies.audit import audit_explain
 
     if out is not None:
         check_output_dir(out, "--out")
-    elif run.is_dir():
+    elif run is not None and run.is_dir():
         check_output_dir(run, "RUN")  # the audit goes into RUN/audit...
-    if (run / "results.json").is_file() and not (run / "best.pt").is_file():
-        result = audit_explain(run, n=n, sanity_images=sanity_images, faithfulness_images=faithfulness_images,
-                               seed=seed, out=out, log=typer.echo)
-        typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
-        typer.echo(f"wrote {result['out']}/audit.json")
-        return
-    result = run_audit(run, methods=methods, n=n, data=str(data) if data else None,
+    result = run_audit(run, model=model, weights=weights, data=str(data) if data else None,
+                       classes=_class_list(classes), masks=masks, methods=methods, n=n,
                        compare=str(compare) if compare else None, sanity_images=sanity_images,
                        faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,
-                       seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo)
-    p = result["probes"]
-    if "lungs_blacked_out" in p:
-        b = p["lungs_blacked_out"]
-        typer.echo(f"lungs blacked out: accuracy {b['accuracy']:.3f} (majority baseline "
-                   f"{b['majority_baseline_accuracy']:.3f}), AUROC {b['auroc']:.3f} (0.5: nothing left to read)")
-    if "marker_swap" in p:
-        typer.echo(f"marker added vs removed: {p['marker_swap']['flips']} of {p['marker_swap']['images']} "
-                   "predictions flip")
+                       smprt=smprt, seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo)
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
-    typer.echo(f"wrote {result['out']}/audit.json, audit_images.csv, flagged.csv and figures")
+    typer.echo(f"wrote {result['out']}/audit.json, audit_images.csv, flagged.csv, unreadable.json and figures")
+
+
+def _class_list(classes: str | None) -> tuple[str, ...] | None:
+    """'Normal,COVID' -> ('Normal', 'COVID')."""
+    if classes is None:
+        return None
+    names = tuple(c.strip() for c in classes.split(",") if c.strip())
+    if len(names) < 2:
+        raise UserError(f"--classes '{classes}': give two or more class names, negative first (e.g. Normal,COVID)")
+    return names
 
 
 @app.command(epilog="Examples:  saliencylab demo  ·  saliencylab demo --quick --out runs/quick  ·  "

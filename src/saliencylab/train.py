@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import math
-import os
 import pickle
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from saliencylab.data.datasets import Dataset, Record, load_dataset, make_split, parse_split, split_text
+from saliencylab.data.cache import decode_cache, to_batch
+from saliencylab.data.datasets import (
+    load_dataset,
+    make_split,
+    parse_split,
+    split_text,
+)
 from saliencylab.errors import UserError
 from saliencylab.fsutil import atomic_path, write_json, write_text
 from saliencylab.models.registry import Classifier, load_model, save_checkpoint
@@ -73,58 +78,6 @@ def build_classifier(cfg: TrainConfig) -> tuple[Classifier, str, dict[str, Any]]
     raise UserError(f"--model {cfg.model}: train supports cxr_cnn and efficientnet_lite0 (transfer learning)")
 
 
-def decode_cache(ds: Dataset, records: list[Record], size: int, workers: int = 0,
-                 progress: bool | None = None) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode every image once, as grayscale resized to (size, size), into uint8 (N, size, size).
-
-    Unreadable files are listed as (file, reason) instead of stopping the run.
-    """
-    from multiprocessing import get_context
-
-    from tqdm import tqdm
-
-    out = np.zeros((len(records), size, size), dtype=np.uint8)
-    bad: list[tuple[str, str]] = []
-    jobs = [(str(ds.root / r.file), size) for r in records]
-
-    n_workers = workers or os.cpu_count() or 1
-    with tqdm(total=len(jobs), unit="img", desc="decode", disable=None if progress is None else not progress) as bar:
-        if n_workers == 1 or len(jobs) < 64:
-            results = map(_decode_one, jobs)
-            for i, (arr, err) in enumerate(results):
-                _store(out, bad, i, arr, err, records)
-                bar.update()
-        else:
-            with get_context("fork").Pool(n_workers) as pool:
-                for i, (arr, err) in enumerate(pool.imap(_decode_one, jobs, chunksize=32)):
-                    _store(out, bad, i, arr, err, records)
-                    bar.update()
-    return out, bad
-
-
-def _store(out: np.ndarray, bad: list, i: int, arr: np.ndarray | None, err: str | None, records: list[Record]) -> None:
-    if arr is None:
-        bad.append((records[i].file, err or "unreadable"))
-    else:
-        out[i] = arr
-
-
-def _decode_one(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
-    from PIL import Image
-
-    from saliencylab.data.images import load_image
-
-    path, size = job
-    try:
-        px = load_image(path).pixels
-    except UserError as err:
-        return None, str(err)
-    if px.ndim == 3:
-        px = px @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    img = Image.fromarray((np.clip(px, 0, 1) * 255 + 0.5).astype(np.uint8))
-    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8), None
-
-
 def augment(x: torch.Tensor, gen: torch.Generator, *, hflip: bool = False) -> torch.Tensor:
     """Small random affine (shift 4%, rotation 5 degrees, scale 5%) and exposure jitter; x[B, C, H, W] in [0, 1]."""
     b = x.shape[0]
@@ -141,12 +94,6 @@ def augment(x: torch.Tensor, gen: torch.Generator, *, hflip: bool = False) -> to
     gain = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.1
     bias = (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.05
     return (x * gain + bias).clamp(0, 1)
-
-
-def to_batch(cache: np.ndarray, idx: np.ndarray, channels: int) -> torch.Tensor:
-    """uint8 cache rows -> float x[B, channels, H, W] in [0, 1]."""
-    x = torch.from_numpy(cache[idx]).float().div_(255.0).unsqueeze(1)
-    return x.expand(-1, channels, -1, -1) if channels > 1 else x
 
 
 def evaluate_logits(clf: Classifier, cache: np.ndarray, idx: np.ndarray, batch_size: int = 128) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""Chest X-ray datasets on disk: the COVID-19 Radiography Database (current and older layouts), any
-`root/<class>/*.png` folder, and our phantoms; seeded stratified splits written to `split.csv`."""
+"""Labelled image datasets on disk: the COVID-19 Radiography Database (current and older layouts), any
+`root/<class>/*.png` folder, our phantoms, and a CSV of `file,label[,mask][,group]`; masks from the layout,
+a CSV column or a separate folder matched by file name; seeded stratified splits written to `split.csv`."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ class Record:
 
     Attributes:
         file: path relative to the dataset root (the key in split.csv and predictions.csv).
-        label: 1 for the positive class, 0 for the negative.
+        label: index into the dataset's classes (binary: 1 for the positive class, 0 for the negative).
         cls: the class folder's name.
-        mask: lung mask path relative to the root, or None.
+        mask: lung mask path relative to the root (or absolute), or None.
         lesions: lesion mask path relative to the root, or None (phantoms only).
         group: patient or other grouping id, or None.
     """
@@ -46,8 +47,13 @@ class Record:
 class Dataset:
     root: Path
     records: list[Record]
-    classes: tuple[str, str]  # (negative, positive)
-    layout: str  # 'current', 'flat' or 'generic'
+    classes: tuple[str, ...]  # (negative, positive) for a binary task, else the model's class order
+    layout: str  # 'current', 'flat', 'generic', 'mixed' or 'csv'
+
+    @property
+    def has_masks(self) -> bool:
+        """True when at least one image has a lung mask."""
+        return any(r.mask for r in self.records)
 
     def counts(self) -> dict[str, int]:
         """Images per class."""
@@ -74,8 +80,8 @@ def load_dataset(root: str | Path, *, classes: Sequence[str] = ("Normal", "COVID
     """Find the images of two classes under `root`.
 
     Args:
-        classes: (negative, positive) class folder names; aliases of older releases are accepted
-            (COVID-19 for COVID, NORMAL for Normal).
+        classes: (negative, positive) class folder names, or more for a multi-class model (its output
+            order); aliases of older releases are accepted (COVID-19 for COVID, NORMAL for Normal).
         metadata_group: a column of `root/metadata.csv` that names each image's patient, so that one
             patient's images never straddle the split.
 
@@ -86,8 +92,8 @@ def load_dataset(root: str | Path, *, classes: Sequence[str] = ("Normal", "COVID
     if not root.is_dir():
         raise UserError(f"dataset folder '{root}' does not exist; generate one with `saliencylab phantoms "
                         f"{root}` or point --data at the COVID-19 Radiography Database")
-    if len(classes) != 2 or classes[0] == classes[1]:
-        raise UserError(f"--classes needs two different classes (negative,positive); got {list(classes)}")
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise UserError(f"--classes needs two or more different classes (negative,positive first); got {list(classes)}")
     records: list[Record] = []
     layouts = set()
     for label, name in enumerate(classes):
@@ -123,7 +129,90 @@ def load_dataset(root: str | Path, *, classes: Sequence[str] = ("Normal", "COVID
     if metadata_group:
         records = _attach_groups(root, records, metadata_group)
     layout = layouts.pop() if len(layouts) == 1 else "mixed"
-    return Dataset(root, records, (classes[0], classes[1]), layout)
+    return Dataset(root, records, tuple(classes), layout)
+
+
+def load_labelled(data: str | Path, *, classes: Sequence[str], masks: str | Path | None = None) -> Dataset:
+    """Any labelled dataset: a folder in one of `load_dataset`'s layouts or a CSV file (`load_csv`), with
+    lung masks from `masks` (a folder, matched by file name) when given."""
+    data = Path(data)
+    ds = load_csv(data, classes=classes) if data.suffix.lower() == ".csv" else load_dataset(data, classes=classes)
+    return attach_masks(ds, masks) if masks else ds
+
+
+def _label_index(value: str, classes: Sequence[str], where: str) -> int:
+    lowered = [c.lower() for c in classes]
+    v = value.strip()
+    if v.lower() in lowered:
+        return lowered.index(v.lower())
+    for i, c in enumerate(lowered):
+        if v.lower() in ALIASES.get(c, ()):
+            return i
+    if v.isdigit() and int(v) < len(classes):
+        return int(v)
+    raise UserError(f"{where}: label '{value}' is not one of the classes {list(classes)} (or an index 0-"
+                    f"{len(classes) - 1}); fix the label or pass --classes")
+
+
+def load_csv(path: str | Path, *, classes: Sequence[str]) -> Dataset:
+    """A dataset listed in a CSV with a header `file,label[,mask][,group]`: paths relative to the CSV's
+    folder, labels as class names (or indices into `classes`), masks optional per row.
+
+    Files that do not exist are kept (they are reported as unreadable when decoded); a listed mask that
+    does not exist is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--data {path}: no such CSV file; give a dataset folder or a CSV of file,label[,mask][,group]")
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise UserError(f"--classes needs two or more different classes (negative,positive first); got {list(classes)}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"'{path}' is not a readable CSV ({err}); save it as UTF-8 text with a header row") from None
+    columns = set(rows[0]) if rows else set()
+    if not {"file", "label"} <= columns:
+        raise UserError(f"'{path}' needs the columns file,label[,mask][,group]; it has "
+                        f"{', '.join(sorted(c for c in columns if c)) or 'none'}")
+    root = path.parent
+    records = []
+    for n, row in enumerate(rows, start=2):
+        where = f"'{path}' line {n}"
+        file = (row.get("file") or "").strip()
+        if not file:
+            raise UserError(f"{where}: empty file name; fill it in or delete the line")
+        label = _label_index(row.get("label") or "", classes, where)
+        mask = (row.get("mask") or "").strip() or None
+        if mask and not (root / mask).is_file():
+            raise UserError(f"{where}: mask '{mask}' does not exist (paths are relative to the CSV's folder)")
+        records.append(Record(file=file, label=label, cls=classes[label], mask=mask,
+                              group=(row.get("group") or "").strip() or None))
+    if not records:
+        raise UserError(f"'{path}' lists no images; add rows of file,label")
+    return Dataset(root, records, tuple(classes), "csv")
+
+
+def attach_masks(ds: Dataset, masks: str | Path) -> Dataset:
+    """Lung masks from a folder (searched recursively), matched to images by file name (or by stem, so that
+    `a.jpg` finds `a.png`); images without a match keep no mask."""
+    folder = Path(masks)
+    if not folder.is_dir():
+        raise UserError(f"--masks {folder}: no such folder; give the folder that holds the lung masks")
+    found = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    by_name = {p.name: p for p in found}
+    by_stem = {p.stem: p for p in found}
+    out, hits = [], 0
+    for r in ds.records:
+        name = Path(r.file).name
+        m = by_name.get(name) or by_stem.get(Path(name).stem)
+        hits += m is not None
+        out.append(Record(r.file, r.label, r.cls, str(m.resolve()) if m else None, r.lesions, r.group))
+    if not hits:
+        example = Path(ds.records[0].file).name
+        raise UserError(f"--masks {folder}: no mask there is named like an image (e.g. {example}); masks are "
+                        "matched by file name")
+    return Dataset(ds.root, out, ds.classes, ds.layout)
 
 
 def _attach_groups(root: Path, records: list[Record], column: str) -> list[Record]:

@@ -49,23 +49,29 @@ def reading(mass: float, share: float) -> str:
             f"{verdict} ({ratio:.1f}x)")
 
 
+def is_result_folder(folder: Path) -> bool:
+    """A training run, a `--model --data` output (model.json), or a folder with an audit or evaluation."""
+    return any((folder / name).is_file() for name in ("best.pt", "model.json", "audit.json", "metrics.json",
+                                                      "audit/audit.json"))
+
+
 def _run_info(run: Path) -> dict[str, Any]:
     evals = []
-    for ev in sorted(p for p in run.iterdir() if p.is_dir() and (p / "metrics.json").is_file()):
+    folders = [run] + sorted(p for p in run.iterdir() if p.is_dir())
+    for ev in (p for p in folders if (p / "metrics.json").is_file()):
         m = _json(ev / "metrics.json")
         evals.append({"name": ev.name, "metrics": m, "figure3": _png(ev / "figure3.png"), "roc": _png(ev / "roc.png"),
                       "confusion": _png(ev / "confusion.png"), "histograms": _png(ev / "histograms.png")})
-    audit = _json(run / "audit" / "audit.json")
-    readings = {}
-    if audit:
-        for name, s in audit["methods"].items():
-            readings[name] = reading(s["lung_mass"], s["lung_share"])
+    audit_dir = run if (run / "audit.json").is_file() else run / "audit"
+    audit = _json(audit_dir / "audit.json")
+    readings = {name: reading(s["lung_mass"], s["lung_share"]) for name, s in audit["methods"].items()} if audit else {}
     config = _json(run / "config.json") or {}
+    source = _json(run / "model.json")
     data_meta = Path(config["data"]) / "metadata.csv" if config.get("data") else run / "no-data"
-    return {"name": run.name, "path": str(run), "config": config, "evals": evals,
+    return {"name": run.name, "path": str(run), "config": config, "source": source, "evals": evals,
             "history": _png(run / "history.png"), "audit": audit, "readings": readings,
-            "localisation": _png(run / "audit" / "localisation.png"), "sanity": _png(run / "audit" / "sanity.png"),
-            "flagged": _png(run / "audit" / "flagged.png"), "checkpoint_sha256": _sha(run / "best.pt"),
+            "localisation": _png(audit_dir / "localisation.png"), "sanity": _png(audit_dir / "sanity.png"),
+            "flagged": _png(audit_dir / "flagged.png"), "checkpoint_sha256": _sha(run / "best.pt"),
             "split_sha256": _sha(run / "split.csv"), "data_sha256": _sha(data_meta)}
 
 
@@ -84,25 +90,27 @@ def _versions() -> dict[str, str]:
 
 def write_report(folder: str | Path, *, command: str = "") -> Path:
     """Render `folder/report.html` from what the folder holds (study 1, runs with evaluations and audits)."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"'{folder}' is not a folder; pass a demo, run or explain output folder")
-    if (folder / "best.pt").is_file():
+    if is_result_folder(folder):
         runs = [folder]
     else:
-        runs = sorted(p for p in (folder / "runs").glob("*") if (p / "best.pt").is_file()) \
+        runs = sorted(p for p in (folder / "runs").glob("*") if p.is_dir() and is_result_folder(p)) \
             if (folder / "runs").is_dir() else []
     explain_dir = folder / "study1" / "explain" if (folder / "study1").is_dir() else folder
     results = _json(explain_dir / "results.json")
     classify = _json(folder / "study1" / "classify.json")
     if not runs and not results:
-        raise UserError(f"'{folder}' holds no run (best.pt) and no explain output (results.json); nothing to report")
+        raise UserError(f"'{folder}' holds no run (best.pt), evaluation, audit or explain output (results.json); "
+                        "nothing to report")
     run_infos = [_run_info(r) for r in runs]
     demo = _json(folder / "demo.json")
     headline = _headline(run_infos)
-    env = Environment(loader=PackageLoader("saliencylab", "report/templates"), autoescape=select_autoescape())
+    env = Environment(loader=PackageLoader("saliencylab", "report/templates"), autoescape=select_autoescape(),
+                      undefined=StrictUndefined)
     env.filters["pct"] = pct
     env.filters["num"] = lambda v, d=3: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
     html = env.get_template("report.html.j2").render(
@@ -126,7 +134,7 @@ def _headline(runs: list[dict[str, Any]]) -> dict[str, Any]:
             first = next(iter(r["audit"]["methods"]))
             out[f"{r['name']} {first} marker_mass"] = r["audit"]["methods"][first]["marker_mass"]
             out[f"{r['name']} {first} lung_mass"] = r["audit"]["methods"][first]["lung_mass"]
-            swap = r["audit"]["probes"].get("marker_swap")
+            swap = r["audit"]["probes"]["marker_swap"]
             if swap:
                 out[f"{r['name']} marker_swap flip_rate"] = swap["flip_rate"]
     return out

@@ -3,6 +3,13 @@
 Localisation against anatomy (lungs, border) and findings (lesions, marker), randomisation sanity checks,
 deletion/insertion faithfulness against a random map, stability under noise and shifts, agreement between
 methods (and models), and shortcut probes (lungs blacked out; the marker added or removed).
+
+The shape (as PAIR's `metrics/pic.py`): images stream through in batches; each batch becomes one frozen
+`Batch` (images, targets, labels, optional masks, one map per method, the model); each check is one
+function `(batch, config) -> list[row]` registered with what it needs (`needs=('lungs',)`), returning typed
+per-image rows; one aggregate step per check turns its rows into the numbers of `audit.json`; the file
+writers come last. A check whose needs are not met is skipped, with its reason in `audit.json` and on the
+console. Adding a check: write its row dataclass, its function and its summary, and `register_check` it.
 """
 
 from __future__ import annotations
@@ -11,182 +18,912 @@ import csv
 import io
 import math
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from torch import nn
 
-from saliencylab.data.datasets import Record, load_dataset, load_mask, read_metadata, read_split
+from saliencylab.data.datasets import Record, load_mask
 from saliencylab.errors import UserError
 from saliencylab.fsutil import write_json, write_text
-from saliencylab.methods import MethodSpec, parse_methods
-from saliencylab.metrics.faithfulness import area, removal_curve
-from saliencylab.metrics.localisation import border_mask, box_mask, corner_mask, mass_inside, otsu_iou, pointing_game
-from saliencylab.metrics.sanity import randomisation_check
-from saliencylab.metrics.similarity import spearman
-from saliencylab.metrics.stability import max_sensitivity, stability
+from saliencylab.methods import MethodSpec, get_method, parse_methods
+from saliencylab.metrics.localisation import (
+    border_mask,
+    box_mask,
+    corner_mask,
+    mask_auroc,
+    mass_inside,
+    otsu_iou,
+    pointing_chance,
+    pointing_game,
+    relevance_mass_positive,
+    relevance_rank_accuracy,
+)
 from saliencylab.render.figures import save_figure
-from saliencylab.studies.cxr import load_run
-from saliencylab.train import decode_cache, evaluate_logits, to_batch
+from saliencylab.studies.subject import Subject, check_input, class_probabilities, load_batch, load_run, resolve
+
+MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+DEFAULT_METHODS = "vanilla,smoothgrad,integrated_gradients,gradcam"
+
+# ---------------------------------------------------------------------------------------------- the context
 
 
-def _nanmean(values: list[float]) -> float:
+@dataclass(frozen=True)
+class AuditConfig:
+    """How much of each check to run.
+
+    Attributes:
+        sanity_images: images (of the first batch) for the randomisation checks.
+        faithfulness_images: images (the first ones) for deletion / insertion curves.
+        road: also fill removed pixels by noisy linear imputation (Rong et al. 2022).
+        faithfulness_subsets: random pixel subsets per image for the faithfulness correlation.
+        seed: seeds noise, random maps and randomised weights.
+    """
+
+    sanity_images: int = 8
+    faithfulness_images: int = 16
+    road: bool = False
+    faithfulness_subsets: int = 50
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Everything the checks see of one batch (read-only; no check changes it).
+
+    Attributes:
+        offset: index of the first image in the audit (0 for the first batch).
+        records: the images' dataset records.
+        x: images [B, C, H, W] in [0, 1].
+        targets: the class explained per image [B] (what the model predicted, or explain's target).
+        labels: true class per image [B], or None without labels.
+        probs: class probabilities [B, K] (K = 2 for a single-logit model: [1 - p, p]).
+        lungs, lesions, markers: boolean (H, W) masks per image, None where there is none.
+        maps: raw saliency [B, H, W] per method name (float32, CPU).
+        fns: `(model, x, target) -> maps` per method name, options bound.
+        uses_model: per method name, whether its map depends on the model (sanity applies).
+        model: the classifier's module.
+        others: other models by role ('compare', 'shuffled').
+        phantoms: per image, the phantom's seed and drawing settings (None for other data).
+    """
+
+    offset: int
+    records: tuple[Record, ...]
+    x: torch.Tensor
+    targets: torch.Tensor
+    labels: np.ndarray | None
+    probs: np.ndarray
+    lungs: tuple[np.ndarray | None, ...]
+    lesions: tuple[np.ndarray | None, ...]
+    markers: tuple[np.ndarray | None, ...]
+    maps: Mapping[str, torch.Tensor]
+    fns: Mapping[str, MapFn]
+    uses_model: Mapping[str, bool]
+    model: nn.Module
+    others: Mapping[str, nn.Module] = field(default_factory=dict)
+    phantoms: tuple[dict[str, Any] | None, ...] = ()
+
+    @property
+    def files(self) -> list[str]:
+        return [r.file for r in self.records]
+
+
+# -------------------------------------------------------------------------------------------- the registry
+
+Needs = tuple[str, ...]
+CheckFn = Callable[[Batch, AuditConfig], list[Any]]
+
+NEED_REASONS = {
+    "lungs": "no lung masks (use a <class>/masks layout, --masks DIR, or a mask column in the CSV)",
+    "lesions": "no lesion masks (phantoms carry them in <class>/lesions)",
+    "markers": "no marker boxes (phantoms list them in metadata.csv)",
+    "phantoms": "the images are not phantoms that can be redrawn with and without the marker",
+    "labels": "the images carry no labels (an explain folder without --data)",
+    "binary": "the model is not a binary classifier",
+    "two_methods": "only one method was audited",
+    "compare": "no second model (--compare)",
+    "shuffled": "not asked for (--data-randomisation, on a training run)",
+    "smprt": "not asked for (--smprt; about 16 times the cost of the randomisation check)",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One registered check.
+
+    Attributes:
+        run: `(batch, config) -> rows` for one batch (rows are dataclasses, per image or per method).
+        summarise: `(rows, config) -> {key: value}`; for a per-method check it gets one method's rows and
+            its keys go into `methods[name]`, else they go into `section` of audit.json. It must give the
+            same keys (None / NaN) for no rows, so a skipped check keeps the file's shape.
+        needs: what must be available ('lungs', 'lesions', 'markers', 'phantoms', 'labels', 'binary',
+            'two_methods', 'compare', 'shuffled').
+        per_method: rows carry a `method` field and summaries are per method.
+        section: where a whole-audit summary goes ('probes' or a top-level key).
+    """
+
+    name: str
+    run: CheckFn
+    summarise: Callable[[list[Any], AuditConfig], dict[str, Any]]
+    needs: Needs = ()
+    per_method: bool = True
+    section: str = "methods"
+
+
+CHECKS: dict[str, Check] = {}
+
+
+def register_check(name: str, *, summarise: Callable[[list[Any], AuditConfig], dict[str, Any]],
+                   needs: Needs = (), per_method: bool = True, section: str = "methods"
+                   ) -> Callable[[CheckFn], CheckFn]:
+    """Register a check function under a unique name."""
+
+    def deco(fn: CheckFn) -> CheckFn:
+        if name in CHECKS:
+            raise ValueError(f"check {name!r} is registered twice")
+        CHECKS[name] = Check(name, fn, summarise, needs, per_method, section)
+        return fn
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _nanmean(values: Sequence[float | None]) -> float:
     arr = np.array([v for v in values if v is not None], dtype=np.float64)
     return float(np.nanmean(arr)) if arr.size and np.isfinite(arr).any() else math.nan
 
 
 def _quiet(fn: Callable[..., float], *args: Any, **kw: Any) -> float:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args, **kw)
 
 
-def audit(run: str | Path, *, methods: str = "vanilla,smoothgrad,integrated_gradients,gradcam", n: int = 64,
-          data: str | None = None, compare: str | None = None, sanity_images: int = 8, faithfulness_images: int = 16,
-          road: bool = False, data_randomisation: bool = False, seed: int = 0, batch_size: int = 16,
-          options: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
-          progress: bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Audit a trained run's saliency maps on `n` seeded test images; write audit.json, audit_images.csv,
-    flagged.csv and figures under `out` (default RUN/audit).
+def _score(fn: Callable[..., float], m: torch.Tensor, mask: np.ndarray | None, **kw: Any) -> float:
+    return _quiet(fn, m.numpy(), mask, **kw) if mask is not None else math.nan
 
-    Images stream through in batches of `batch_size`: only per-image numbers and a few thumbnails are kept,
-    so memory does not grow with `n`. The sanity check and max-sensitivity use the first batch's images;
-    faithfulness curves the first `faithfulness_images`. `options` holds per-method keyword options
-    (e.g. {'smoothgrad': {'n_samples': 8}}).
+
+def _mean_of(rows: list[Any], key: str) -> float:
+    return _nanmean([getattr(r, key) for r in rows])
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from saliencylab.metrics.similarity import spearman
+
+    return _quiet(spearman, a, b)
+
+
+def _positive(probs: np.ndarray) -> np.ndarray:
+    return probs[:, 1]
+
+
+# ------------------------------------------------------------------------------------------ localisation
+
+
+@dataclass(frozen=True)
+class RegionRow:
+    """Saliency against one region mask (lungs or lesions) for one image and method; NaN without a mask.
+
+    Attributes:
+        mass: share of |map| inside (chance: `share`); mass_positive: Arras et al.'s relevance mass
+            (positive relevance only; equal to `mass` for unsigned maps).
+        pointing: pointing-game hit (tolerance scaled to the image); pointing_chance: a random peak's hit rate.
+        rank_accuracy: share of the top-K pixels inside (K = mask size; chance: `share`).
+        auroc: the map as a pixel classifier of the mask (chance 0.5).
     """
-    run_dir, clf, cfg = load_run(run)
-    specs = parse_methods(methods)
-    out = Path(out) if out else run_dir / ("audit" if data is None else f"audit-{Path(data).name}")
-    root = Path(data or cfg.get("data", ""))
-    ds = load_dataset(root, classes=tuple(cfg.get("classes", clf.class_names)))
-    split = read_split(run_dir / "split.csv") if (run_dir / "split.csv").is_file() else {}
-    pool = [r for r in ds.records if split.get(r.file) == "test"] or list(ds.records)
-    rng = np.random.default_rng(seed)
-    chosen: list[Record] = [pool[i] for i in sorted(rng.permutation(len(pool))[:n])]
-    size = clf.input_size[0]
-    clf.to("cpu")
+
+    file: str
+    method: str
+    region: str
+    mass: float
+    mass_positive: float
+    share: float
+    pointing: float
+    pointing_chance: float
+    rank_accuracy: float
+    auroc: float
+    iou: float
+
+
+def _region_rows(b: Batch, region: str, masks: tuple[np.ndarray | None, ...]) -> list[RegionRow]:
+    rows = []
+    for name, m in b.maps.items():
+        for i, f in enumerate(b.files):
+            mask = masks[i]
+            rows.append(RegionRow(
+                f, name, region, _score(mass_inside, m[i], mask), _score(relevance_mass_positive, m[i], mask),
+                float(mask.mean()) if mask is not None else math.nan, _score(pointing_game, m[i], mask),
+                _quiet(pointing_chance, mask) if mask is not None else math.nan,
+                _score(relevance_rank_accuracy, m[i], mask), _score(mask_auroc, m[i], mask),
+                _score(otsu_iou, m[i], mask)))
+    return rows
+
+
+def _region_summary(prefix: str) -> Callable[[list[RegionRow], AuditConfig], dict[str, Any]]:
+    def summarise(rows: list[RegionRow], cfg: AuditConfig) -> dict[str, Any]:
+        keys = ("mass", "mass_positive", "share", "pointing", "pointing_chance", "rank_accuracy", "auroc", "iou")
+        out = {f"{prefix}_{k}": _mean_of(rows, k) for k in keys}
+        if prefix == "lung":
+            mass, share = out["lung_mass"], out["lung_share"]
+            out["lung_ratio"] = mass / share if share and math.isfinite(share) else math.nan
+            out["flagged"] = [r.file for r in rows if r.mass < 0.5]
+        return out
+
+    return summarise
+
+
+@register_check("lungs", summarise=_region_summary("lung"), needs=("lungs",))
+def lungs(b: Batch, cfg: AuditConfig) -> list[RegionRow]:
+    """Saliency against the lungs: mass (absolute and positive), pointing game, rank accuracy, mask AUROC,
+    each beside its chance level."""
+    return _region_rows(b, "lungs", b.lungs)
+
+
+@dataclass(frozen=True)
+class BorderRow:
+    """Saliency on the image's border band (10% of the side) and its corners (20% squares)."""
+
+    file: str
+    method: str
+    border_mass: float
+    corner_mass: float
+
+
+@register_check("border", summarise=lambda rows, cfg: {"border_mass": _mean_of(rows, "border_mass"),
+                                                        "corner_mass": _mean_of(rows, "corner_mass")})
+def border(b: Batch, cfg: AuditConfig) -> list[BorderRow]:
+    """Where markers, rulers and text sit: the border and the corners (no mask needed)."""
+    shape = tuple(b.x.shape[-2:])
+    band, corners = border_mask(shape, 0.1), corner_mask(shape, 0.2)
+    return [BorderRow(f, name, _score(mass_inside, m[i], band), _score(mass_inside, m[i], corners))
+            for name, m in b.maps.items() for i, f in enumerate(b.files)]
+
+
+@register_check("lesions", needs=("lesions",), summarise=_region_summary("lesion"))
+def lesions(b: Batch, cfg: AuditConfig) -> list[RegionRow]:
+    """Saliency on the findings: the same scores against the lesion mask, threshold-free ones (relevance
+    rank accuracy, mask AUROC) included, and the Otsu IoU of CheXlocalize."""
+    return _region_rows(b, "lesions", b.lesions)
+
+
+@dataclass(frozen=True)
+class MarkerRow:
+    file: str
+    method: str
+    marker_mass: float
+    marker_share: float
+
+
+@register_check("marker", needs=("markers",), summarise=lambda rows, cfg: {
+    k: _mean_of(rows, k) for k in ("marker_mass", "marker_share")})
+def marker(b: Batch, cfg: AuditConfig) -> list[MarkerRow]:
+    """Saliency on the laterality marker (images without one: NaN; chance: the marker's share)."""
+    return [MarkerRow(f, name, _score(mass_inside, m[i], b.markers[i]),
+                      float(b.markers[i].mean()) if b.markers[i] is not None else math.nan)
+            for name, m in b.maps.items() for i, f in enumerate(b.files)]
+
+
+# ------------------------------------------------------------------------------------------------ stability
+
+
+@dataclass(frozen=True)
+class StabilityRow:
+    """Similarity of the map with the map of a noisy / shifted copy; max-sensitivity on the first batch."""
+
+    file: str
+    method: str
+    noise_spearman: float
+    noise_ssim: float
+    shift_spearman: float
+    shift_ssim: float
+    max_sensitivity: float | None
+
+
+def _stability_summary(rows: list[StabilityRow], cfg: AuditConfig) -> dict[str, Any]:
+    return {**{k: _mean_of(rows, k) for k in ("noise_spearman", "noise_ssim", "shift_spearman", "shift_ssim")},
+            "max_sensitivity": _mean_of(rows, "max_sensitivity")}
+
+
+@register_check("stability", summarise=_stability_summary)
+def stability_check(b: Batch, cfg: AuditConfig) -> list[StabilityRow]:
+    """Stability under small noise and a 3-pixel shift; max-sensitivity (Yeh et al. 2019) on the first batch."""
+    from saliencylab.metrics.stability import max_sensitivity, stability
+
+    rows = []
+    for name, fn in b.fns.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            st = stability(b.model, b.x, b.targets, fn, maps=b.maps[name], seed=cfg.seed)
+            sens = (max_sensitivity(b.model, b.x, b.targets, fn, n_samples=4, seed=cfg.seed, maps=b.maps[name])
+                    .tolist() if b.offset == 0 else [None] * len(b.x))
+        rows += [StabilityRow(f, name, s["noise_spearman"], s["noise_ssim"], s["shift_spearman"], s["shift_ssim"],
+                              None if v is None else float(v)) for f, s, v in zip(b.files, st, sens, strict=True)]
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- faithfulness
+
+
+@dataclass(frozen=True)
+class FaithfulnessRow:
+    """Area under one deletion / insertion curve: most relevant first (`map`), a random map, least first."""
+
+    file: str
+    method: str
+    fill: str
+    mode: str
+    map: float
+    random: float
+    lerf: float
+
+
+def _faithfulness_summary(rows: list[FaithfulnessRow], cfg: AuditConfig) -> dict[str, Any]:
+    fills = ["blur", "noisy_linear"] if cfg.road else ["blur"]
+    out: dict[str, Any] = {}
+    for fill in fills:
+        out[fill] = {mode: {k: _mean_of([r for r in rows if r.fill == fill and r.mode == mode], k)
+                            for k in ("map", "random", "lerf")} for mode in ("deletion", "insertion")}
+    return {"faithfulness": out, "faithfulness_images": len({r.file for r in rows})}
+
+
+@register_check("faithfulness", summarise=_faithfulness_summary)
+def faithfulness(b: Batch, cfg: AuditConfig) -> list[FaithfulnessRow]:
+    """Deletion and insertion (Petsiuk et al. 2018) on the first `faithfulness_images` images, against a
+    random map and the least-relevant-first order; blur fill, and noisy linear imputation with `road`."""
+    from saliencylab.metrics.faithfulness import area, removal_curve
+
+    k = max(0, min(cfg.faithfulness_images - b.offset, len(b.x)))
+    fills = ["blur", "noisy_linear"] if cfg.road else ["blur"]
+    rows = []
+    for name, maps in b.maps.items():
+        gen = torch.Generator().manual_seed(cfg.seed + b.offset)
+        for i in range(k):
+            rand = torch.rand(maps[i].shape, generator=gen)
+            for fill in fills:
+                for mode in ("deletion", "insertion"):
+                    areas = [area(removal_curve(b.model, b.x[i], b.targets[i], m, mode=mode, fill=fill, order=order,
+                                                steps=10, seed=cfg.seed))
+                             for m, order in ((maps[i], "morf"), (rand, "morf"), (maps[i], "lerf"))]
+                    rows.append(FaithfulnessRow(b.records[i].file, name, fill, mode, *areas))
+    return rows
+
+
+@dataclass(frozen=True)
+class CorrelationRow:
+    """Faithfulness correlation of one image's map (Bhatt et al. 2020; chance 0)."""
+
+    file: str
+    method: str
+    correlation: float
+
+
+@register_check("faithfulness_correlation", summarise=lambda rows, cfg: {
+    "faithfulness_correlation": _mean_of(rows, "correlation")})
+def faithfulness_correlation_check(b: Batch, cfg: AuditConfig) -> list[CorrelationRow]:
+    """Correlation between the saliency of random pixel subsets and the score drop when they are removed,
+    on the first `faithfulness_images` images."""
+    from saliencylab.metrics.faithfulness import faithfulness_correlation
+
+    k = max(0, min(cfg.faithfulness_images - b.offset, len(b.x)))
+    if not k:
+        return []
+    rows = []
+    for name, maps in b.maps.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            corr = faithfulness_correlation(b.model, b.x[:k], b.targets[:k], maps[:k],
+                                            n_subsets=cfg.faithfulness_subsets, seed=cfg.seed)
+        rows += [CorrelationRow(b.files[i], name, float(c)) for i, c in enumerate(corr)]
+    return rows
+
+
+@dataclass(frozen=True)
+class ComplexityRow:
+    """How concentrated a map is: Gini sparseness of |map| (higher: sparser; constant 0) and its normalised
+    entropy (lower: simpler; constant 1)."""
+
+    file: str
+    method: str
+    sparseness: float
+    complexity: float
+    signed: bool
+
+
+@register_check("complexity", summarise=lambda rows, cfg: {
+    "sparseness": _mean_of(rows, "sparseness"), "complexity": _mean_of(rows, "complexity"),
+    "signed": bool(rows) and any(r.signed for r in rows)})
+def complexity_check(b: Batch, cfg: AuditConfig) -> list[ComplexityRow]:
+    """Sparseness (Chalasani et al. 2020) and complexity (Bhatt et al. 2020) of each map."""
+    from saliencylab.metrics.complexity import complexity, sparseness
+
+    return [ComplexityRow(f, name, _quiet(sparseness, m[i].numpy()), _quiet(complexity, m[i].numpy(), normalised=True),
+                          bool((m[i] < 0).any()))
+            for name, m in b.maps.items() for i, f in enumerate(b.files)]
+
+
+# ------------------------------------------------------------------------------------------------- sanity
+
+
+@dataclass(frozen=True)
+class SanityRow:
+    """The randomisation checks of one method (cascading and independent), on the first batch's images."""
+
+    method: str
+    cascading: dict[str, Any] | None
+    independent: dict[str, Any] | None
+
+
+@register_check("sanity", summarise=lambda rows, cfg: {
+    "sanity": rows[0].cascading if rows else None, "sanity_independent": rows[0].independent if rows else None})
+def sanity(b: Batch, cfg: AuditConfig) -> list[SanityRow]:
+    """Cascading and independent model randomisation (Adebayo et al. 2018); None for model-free methods."""
+    from saliencylab.metrics.sanity import randomisation_check
+
+    if b.offset:
+        return []
+    k = min(cfg.sanity_images, len(b.x))
+    rows = []
+    for name, fn in b.fns.items():
+        if not b.uses_model[name]:
+            rows.append(SanityRow(name, None, None))
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows.append(SanityRow(name, *(randomisation_check(b.model, b.x[:k], b.targets[:k], fn, seed=cfg.seed,
+                                                              mode=mode) for mode in ("cascading", "independent"))))
+    return rows
+
+
+@dataclass(frozen=True)
+class RandomLogitRow:
+    """Similarity (SSIM) of the map for the explained class and for another class; `identical` when the two
+    maps are the same (a single-logit model with a sign-free method), with the reason."""
+
+    file: str
+    method: str
+    similarity: float
+    identical: bool
+    reason: str | None
+
+
+def _random_logit_summary(rows: list[RandomLogitRow], cfg: AuditConfig) -> dict[str, Any]:
+    identical = bool(rows) and all(r.identical for r in rows)
+    return {"random_logit": _mean_of(rows, "similarity"), "random_logit_identical": identical,
+            "random_logit_note": rows[0].reason if identical else None}
+
+
+@register_check("random_logit", summarise=_random_logit_summary)
+def random_logit_check(b: Batch, cfg: AuditConfig) -> list[RandomLogitRow]:
+    """Random Logit (Sixt et al. 2020) on the first batch's `sanity_images` images: is the map for one class
+    different from the map for another? Lower is better; compare with the sanity check's unrelated-images line."""
+    from saliencylab.metrics.sanity import random_logit
+
+    if b.offset:
+        return []
+    k = min(cfg.sanity_images, len(b.x))
+    rows = []
+    for name, fn in b.fns.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = random_logit(b.model, b.x[:k], b.targets[:k], fn, seed=cfg.seed, maps=b.maps[name][:k])
+        rows += [RandomLogitRow(b.files[i], name, float(g["similarity"]), bool(g["identical"]), g.get("reason"))
+                 for i, g in enumerate(got)]
+    return rows
+
+
+@dataclass(frozen=True)
+class MprtRow:
+    """eMPRT (and sMPRT when asked) of one method on the first batch."""
+
+    method: str
+    result: dict[str, Any] | None
+
+
+@register_check("emprt", summarise=lambda rows, cfg: {
+    "emprt_rise": rows[0].result["mean_rise"] if rows and rows[0].result else math.nan})
+def emprt(b: Batch, cfg: AuditConfig) -> list[MprtRow]:
+    """eMPRT (Hedström et al. 2023): relative rise of the map's complexity when every layer is randomised
+    (0: the map ignores the model; higher is better), on the first batch's `sanity_images` images."""
+    from saliencylab.metrics.sanity import efficient_mprt
+
+    if b.offset:
+        return []
+    k = min(cfg.sanity_images, len(b.x))
+    rows = []
+    for name, fn in b.fns.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows.append(MprtRow(name, efficient_mprt(b.model, b.x[:k], b.targets[:k], fn, seed=cfg.seed,
+                                                     maps=b.maps[name][:k])))
+    return rows
+
+
+@register_check("smprt", needs=("smprt",), summarise=lambda rows, cfg: {"smprt": rows[0].result if rows else None})
+def smprt(b: Batch, cfg: AuditConfig) -> list[MprtRow]:
+    """sMPRT (Hedström et al. 2023): the randomisation check on maps averaged over noisy copies, bottom-up."""
+    from saliencylab.metrics.sanity import smooth_mprt
+
+    if b.offset:
+        return []
+    k = min(cfg.sanity_images, len(b.x))
+    rows = []
+    for name, fn in b.fns.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows.append(MprtRow(name, smooth_mprt(b.model, b.x[:k], b.targets[:k], fn, seed=cfg.seed)
+                                if b.uses_model[name] else None))
+    return rows
+
+
+@dataclass(frozen=True)
+class AgreementRow:
+    """Spearman rank correlation between this map and another one of the same image."""
+
+    file: str
+    method: str
+    spearman: float
+
+
+def _other_maps_check(role: str) -> Callable[[Batch, AuditConfig], list[AgreementRow]]:
+    def run(b: Batch, cfg: AuditConfig) -> list[AgreementRow]:
+        rows = []
+        for name, fn in b.fns.items():
+            other = fn(b.others[role], b.x, b.targets).detach().float().cpu().numpy()
+            rows += [AgreementRow(f, name, _spearman(b.maps[name][i].numpy(), other[i])) for i, f in enumerate(b.files)]
+        return rows
+
+    run.__doc__ = f"Rank agreement of each map with the same method's map on the {role} model."
+    return run
+
+
+register_check("data_randomisation", needs=("shuffled",), summarise=lambda rows, cfg: {
+    "data_randomisation_spearman": _mean_of(rows, "spearman")})(_other_maps_check("shuffled"))
+register_check("agreement_between_models", needs=("compare",), summarise=lambda rows, cfg: {
+    "agreement_between_models": _mean_of(rows, "spearman")})(_other_maps_check("compare"))
+
+
+@dataclass(frozen=True)
+class MethodPairRow:
+    file: str
+    a: str
+    b: str
+    spearman: float
+
+
+def _pairs_summary(rows: list[MethodPairRow], cfg: AuditConfig) -> dict[str, Any]:
+    pairs = list(dict.fromkeys((r.a, r.b) for r in rows))
+    return {"agreement_between_methods": [
+        {"methods": [a, b], "spearman": _nanmean([r.spearman for r in rows if (r.a, r.b) == (a, b)])}
+        for a, b in pairs]}
+
+
+@register_check("agreement_between_methods", needs=("two_methods",), per_method=False, section="",
+                summarise=_pairs_summary)
+def agreement_between_methods(b: Batch, cfg: AuditConfig) -> list[MethodPairRow]:
+    """Rank agreement between every pair of methods on the same image."""
+    names = list(b.maps)
+    return [MethodPairRow(f, a, c, _spearman(b.maps[a][i].numpy(), b.maps[c][i].numpy()))
+            for ai, a in enumerate(names) for c in names[ai + 1:] for i, f in enumerate(b.files)]
+
+
+# ------------------------------------------------------------------------------------------------- probes
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """The model's prediction for one image and its true label."""
+
+    file: str
+    label: int
+    prediction: int
+    probability: float  # of the positive class for a binary model, else of the predicted class
+
+
+@register_check("accuracy", needs=("labels",), per_method=False, section="probes", summarise=lambda rows, cfg: {
+    "accuracy": float(np.mean([r.label == r.prediction for r in rows])) if rows else math.nan})
+def accuracy(b: Batch, cfg: AuditConfig) -> list[PredictionRow]:
+    """Accuracy of the model on the audited images."""
+    assert b.labels is not None
+    pred = b.probs.argmax(1)
+    prob = _positive(b.probs) if b.probs.shape[1] == 2 else b.probs.max(1)
+    return [PredictionRow(f, int(b.labels[i]), int(pred[i]), float(prob[i])) for i, f in enumerate(b.files)]
+
+
+@dataclass(frozen=True)
+class BlackedOutRow:
+    """Positive probability with the lungs blacked out (images with a lung mask)."""
+
+    file: str
+    label: int
+    probability: float
+
+
+def _blacked_summary(rows: list[BlackedOutRow], cfg: AuditConfig) -> dict[str, Any]:
+    from saliencylab.metrics.classification import binary_metrics
+
+    if not rows:
+        return {"lungs_blacked_out": None}
+    labels = np.array([r.label for r in rows])
+    m = binary_metrics(labels, np.array([r.probability for r in rows], dtype=float), n_boot=200, seed=cfg.seed)
+    # blacking out moves every probability, so besides accuracy at 0.5 the AUROC tells whether the rest of
+    # the image still separates the classes (0.5: it does not)
+    return {"lungs_blacked_out": {
+        "images": len(rows), "accuracy": m["accuracy"]["value"], "balanced_accuracy": m["balanced_accuracy"]["value"],
+        "auroc": m["auroc"]["value"], "auroc_ci": [m["auroc"]["ci_low"], m["auroc"]["ci_high"]],
+        "majority_baseline_accuracy": m["majority_baseline"]["accuracy"]}}
+
+
+@register_check("lungs_blacked_out", needs=("lungs", "labels", "binary"), per_method=False, section="probes",
+                summarise=_blacked_summary)
+def lungs_blacked_out(b: Batch, cfg: AuditConfig) -> list[BlackedOutRow]:
+    """Predictions with the lungs blacked out (Maguolo & Nanni 2021,
+    https://doi.org/10.1016/j.inffus.2021.04.008): a model that still separates the classes reads something else."""
+    from saliencylab.metrics.probes import blacked_out
+
+    assert b.labels is not None
+    have = [i for i, m in enumerate(b.lungs) if m is not None]
+    if not have:
+        return []
+    p = _positive(class_probabilities(b.model, blacked_out(b.x[have], [b.lungs[i] for i in have])))
+    return [BlackedOutRow(b.records[i].file, int(b.labels[i]), float(v)) for i, v in zip(have, p, strict=True)]
+
+
+@dataclass(frozen=True)
+class MarkerSwapRow:
+    """Positive probability of the same phantom drawn with and without the laterality marker."""
+
+    file: str
+    label: int
+    with_marker: float
+    without_marker: float
+
+
+def _swap_summary(rows: list[MarkerSwapRow], cfg: AuditConfig) -> dict[str, Any]:
+    from saliencylab.metrics.probes import flips
+
+    if not rows:
+        return {"marker_swap": None}
+    w, wo = np.array([r.with_marker for r in rows]), np.array([r.without_marker for r in rows])
+    labels = np.array([r.label for r in rows])
+    f = flips(w, wo)
+    return {"marker_swap": {
+        "images": f["images"], "flips": f["flips"], "flip_rate": f["flip_rate"],
+        "positive_rate_with_marker": f["positive_rate_a"], "positive_rate_without_marker": f["positive_rate_b"],
+        "accuracy_with_marker": float(((w >= 0.5) == labels).mean()),
+        "accuracy_without_marker": float(((wo >= 0.5) == labels).mean())}}
+
+
+@register_check("marker_swap", needs=("phantoms", "labels", "binary"), per_method=False, section="probes",
+                summarise=_swap_summary)
+def marker_swap(b: Batch, cfg: AuditConfig) -> list[MarkerSwapRow]:
+    """Each phantom redrawn from its seed with and without the marker: how many predictions flip."""
+    from PIL import Image
+
+    from saliencylab.data.cache import to_batch
+    from saliencylab.data.phantoms import draw
+
+    assert b.labels is not None
+    have = [i for i, ph in enumerate(b.phantoms) if ph is not None]
+    if not have:
+        return []
+    size = b.x.shape[-1]
+    probs = {}
+    for flag in (True, False):
+        arrs = []
+        for i in have:
+            ph = b.phantoms[i]
+            img = draw(ph["seed"], ph["covid"], size=ph["size"], marker=flag, exposure_shift=ph["exposure_shift"],
+                       lesion_scale=ph["lesion_scale"]).image
+            arrs.append(np.asarray(Image.fromarray((img * 255 + 0.5).astype(np.uint8)).resize((size, size),
+                                                                                              Image.BILINEAR)))
+        x = to_batch(np.stack(arrs), np.arange(len(arrs)), b.x.shape[1]).contiguous()
+        probs[flag] = _positive(class_probabilities(b.model, x))
+    return [MarkerSwapRow(b.records[i].file, int(b.labels[i]), float(probs[True][j]), float(probs[False][j]))
+            for j, i in enumerate(have)]
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def audit(run: str | Path | None = None, *, model: str | None = None, weights: str | None = None,
+          data: str | Path | None = None, classes: Sequence[str] | None = None, masks: str | Path | None = None,
+          methods: str | None = None, n: int | None = 64, compare: str | None = None, sanity_images: int = 8,
+          faithfulness_images: int = 16, road: bool = False, data_randomisation: bool = False,
+          smprt: bool = False, faithfulness_subsets: int = 50, seed: int = 0,
+          batch_size: int = 16, options: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
+          progress: bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Audit the saliency maps of a run, an explain folder, or any model on any labelled data; write
+    audit.json, audit_images.csv, flagged.csv and figures under `out` (default RUN/audit).
+
+    Images stream through in batches of `batch_size`: only per-image rows and a few thumbnails are kept,
+    so memory does not grow with `n` (None: every image). `methods` defaults to an explain folder's own
+    methods and options, else the four gradient and CAM methods; `options` holds per-method keyword
+    options (e.g. {'smoothgrad': {'n_samples': 8}}). Checks that cannot run are listed with their reasons.
+    """
+    subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed)
+    specs, options = _methods(subject, methods, options)
+    cfg = AuditConfig(sanity_images=sanity_images, faithfulness_images=faithfulness_images, road=road,
+                      faithfulness_subsets=faithfulness_subsets, seed=seed)
+    others: dict[str, nn.Module] = {}
+    if compare:
+        others["compare"] = _other_model(compare, subject)
+    if data_randomisation and subject.kind == "run":
+        others["shuffled"] = _shuffled_label_model(subject.base, subject.config, log)
+    available = _available(subject, specs, others) | ({"smprt"} if smprt else set())
+    active = [c for c in CHECKS.values() if all(need in available for need in c.needs)]
+    skipped = [{"check": c.name, "reason": "; ".join(NEED_REASONS[need] for need in c.needs
+                                                      if need not in available)}
+               for c in CHECKS.values() if c not in active]
+    out = Path(out) if out else subject.default_out("audit", str(data) if data else None)
+    log(f"auditing {len(subject.records)} images of {subject.origin.get('data') or subject.origin.get('explain')} "
+        f"with {', '.join(s.name for s in specs)}")
+    for s in skipped:
+        log(f"skipped {s['check']}: {s['reason']}")
+
+    rows, timings, thumbs, unreadable = _stream(subject, specs, options, cfg, active, others, batch_size, progress)
+    images = len({r.file for r in rows.get("__images__", [])})
+    if not images:
+        raise UserError(f"no readable image in '{subject.origin.get('data') or subject.origin.get('explain')}'"
+                        f"{f' ({len(unreadable)} unreadable)' if unreadable else ''}; check the dataset")
+    result = aggregate(subject, specs, cfg, active, skipped, rows, images, unreadable, timings)
+    for line in summary_lines(result):
+        log(line)
+    write_outputs(out, result, rows, thumbs, specs[0].name)
+    if subject.kind == "model" and out.parent == subject.base:
+        write_json(subject.base / "model.json", subject.origin)
+    return result | {"out": str(out)}
+
+
+def _methods(subject: Subject, methods: str | None, options: dict[str, dict[str, Any]] | None
+             ) -> tuple[list[MethodSpec], dict[str, dict[str, Any]]]:
+    """The methods to audit and their options: given, else an explain folder's own, else the defaults."""
+    options = dict(options or {})
+    if methods is None and subject.kind == "explain":
+        import json
+
+        res = json.loads((subject.base / "results.json").read_text())
+        specs = [get_method(name) for name in res["methods"]]
+        for name, info in res["methods"].items():
+            spec = get_method(name)
+            kept = {k: v for k, v in info.get("options", {}).items() if k in spec.options()
+                    and isinstance(v, (int, float, str, bool)) and not (isinstance(v, str) and v.startswith("<"))}
+            options[name] = {**kept, **options.get(name, {})}
+        return specs, options
+    return parse_methods(methods or DEFAULT_METHODS), options
+
+
+def _available(subject: Subject, specs: list[MethodSpec], others: Mapping[str, nn.Module]) -> set[str]:
+    have = {"labels"} if subject.labelled else set()
+    if subject.has_lungs:
+        have.add("lungs")
+    if subject.has_lesions:
+        have.add("lesions")
+    if any(subject.meta.get(r.file, {}).get("marker_box") for r in subject.records):
+        have.add("markers")
+    if subject.meta and all(subject.meta.get(r.file, {}).get("seed") not in (None, "") for r in subject.records):
+        have.add("phantoms")
+    if subject.binary:
+        have.add("binary")
+    if len(specs) > 1:
+        have.add("two_methods")
+    return have | set(others)
+
+
+def _stream(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[str, Any]], cfg: AuditConfig,
+            active: list[Check], others: Mapping[str, nn.Module], batch_size: int, progress: bool | None
+            ) -> tuple[dict[str, list[Any]], dict[str, float], list, list[tuple[str, str]]]:
+    """Run every active check on every batch; keep only rows, timings and a few thumbnails."""
+    from tqdm import tqdm
+
+    clf = subject.clf
     model = clf.module.eval()
-    other = _other_model(compare, clf) if compare else None
-    shuffled = _shuffled_label_model(run_dir, cfg, log) if data_randomisation else None
-    meta = read_metadata(root)
-    src_size = Image.open(root / chosen[0].file).size[0] if chosen else size
-    border, corners = border_mask((size, size), 0.1), corner_mask((size, size), 0.2)
+    fns = {s.name: partial(_call, s, options.get(s.name, {})) for s in specs}
+    uses = {s.name: s.uses_model for s in specs}
+    rows: dict[str, list[Any]] = {"__images__": []}
     timings: dict[str, float] = {}
-    rows: list[dict[str, Any]] = []
-    per_method: dict[str, dict[str, Any]] = {s.name: {"faith": [], "faith_n": 0, "sens": [], "sanity": None,
-                                                      "shuffled": []} for s in specs}
-    agreement: dict[str, list[float]] = {}
-    between_models: dict[str, list[float]] = {s.name: [] for s in specs}
-    probe_acc: dict[str, list] = {"labels": [], "base": [], "blacked": [], "blacked_labels": [], "with": [],
-                                  "without": []}
     thumbs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, str, float]] = []
-    unreadable = 0
-    log(f"auditing {len(chosen)} test images of {root} with {', '.join(s.name for s in specs)}")
+    unreadable: list[tuple[str, str]] = []
+    src_size = _source_size(subject)
+    phantom = _phantom_settings(subject.root) if subject.meta else {}
 
     def tick(key: str, t: float) -> None:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(chosen), unit="img", desc="audit", leave=False,
+    bar = tqdm(total=len(subject.records), unit="img", desc="audit", leave=False,
                disable=None if progress is None else not progress)
-    for lo in range(0, len(chosen), batch_size):
-        bar.update(len(chosen[lo:lo + batch_size]))
-        t = time.perf_counter()
-        recs = chosen[lo:lo + batch_size]
-        cache, bad = decode_cache(ds, recs, size, workers=1, progress=False)
-        ok = [i for i, r in enumerate(recs) if r.file not in {f for f, _ in bad}]
-        unreadable += len(recs) - len(ok)
-        recs, cache = [recs[i] for i in ok], cache[ok]
-        if not recs:
-            continue
-        x = to_batch(cache, np.arange(len(recs)), clf.channels).contiguous()
-        lungs = [load_mask(root, r.mask, size) for r in recs]
-        lesions = [load_mask(root, r.lesions, size) for r in recs]
-        markers = [_marker(meta.get(r.file, {}), size, src_size) for r in recs]
-        labels = np.array([r.label for r in recs])
-        probs = 1 / (1 + np.exp(-evaluate_logits(clf, cache, np.arange(len(recs))).astype(np.float64)))
-        target = torch.from_numpy((probs >= 0.5).astype(np.int64))  # explain what the model predicted
-        tick("load", t)
-        maps_now: dict[str, np.ndarray] = {}
-        for spec in specs:
-            fn = partial(_call, spec, (options or {}).get(spec.name, {}))
-            acc = per_method[spec.name]
+    offset = 0
+    try:
+        for lo in range(0, len(subject.records), batch_size):
             t = time.perf_counter()
-            maps = fn(model, x, target).detach().float()
-            maps_np = maps.numpy()
-            maps_now[spec.name] = maps_np
-            tick(f"{spec.name}: maps", t)
+            x, recs, bad = load_batch(subject, subject.records[lo:lo + batch_size])
+            unreadable += bad
+            bar.update(len(recs) + len(bad))
+            if not recs:
+                continue
+            if offset == 0:
+                check_input(clf, subject.origin.get("model") or subject.origin.get("run", "?"),
+                            str(subject.origin.get("data") or subject.origin.get("explain")), x)
+            batch = _context(subject, recs, x, offset, model, fns, uses, others, src_size, phantom)
+            tick("load", t)
             t = time.perf_counter()
-            batch_rows = [_localisation_row(r, float(p), spec.name, maps_np[i], lungs[i], lesions[i], markers[i],
-                                            border, corners) for i, (r, p) in enumerate(zip(recs, probs, strict=True))]
-            tick(f"{spec.name}: localisation", t)
-            t = time.perf_counter()
-            for row, st in zip(batch_rows, stability(model, x, target, fn, maps=maps, seed=seed), strict=True):
-                row.update(st)
-            if lo == 0:
-                acc["sens"] = max_sensitivity(model, x, target, fn, n_samples=4, seed=seed, maps=maps).tolist()
-            tick(f"{spec.name}: stability", t)
-            t = time.perf_counter()
-            room = faithfulness_images - acc["faith_n"]
-            if room > 0:
-                acc["faith"].append(_faithfulness(model, x, target, maps, room, road, seed + lo))
-                acc["faith_n"] += min(room, len(recs))
-            tick(f"{spec.name}: faithfulness", t)
-            t = time.perf_counter()
-            if lo == 0:
-                k = min(sanity_images, len(recs))
-                acc["sanity"] = randomisation_check(model, x[:k], target[:k], fn, seed=seed)
-                acc["sanity_independent"] = randomisation_check(model, x[:k], target[:k], fn, seed=seed,
-                                                                mode="independent")
-            if shuffled is not None:
-                other_maps = fn(shuffled, x, target).detach().float().numpy()
-                acc["shuffled"] += [spearman(maps_np[i], other_maps[i]) for i in range(len(recs))]
-            tick(f"{spec.name}: sanity", t)
-            if other is not None:
+            batch = _with_maps(batch, timings)
+            for check in active:
                 t = time.perf_counter()
-                other_maps = fn(other, x, target).detach().float().numpy()
-                between_models[spec.name] += [spearman(maps_np[i], other_maps[i]) for i in range(len(recs))]
-                tick("agreement", t)
-            rows += batch_rows
-            for i, row in enumerate(batch_rows):
-                if spec is specs[0] and row["lung_mass"] < 0.5 and len(thumbs) < 8:
-                    thumbs.append((cache[i], maps_np[i], lungs[i], recs[i].file, float(probs[i])))
-        t = time.perf_counter()
-        names = list(maps_now)
-        for ai, a in enumerate(names):
-            for b in names[ai + 1:]:
-                agreement.setdefault(f"{a} vs {b}", []).extend(
-                    spearman(maps_now[a][i], maps_now[b][i]) for i in range(len(recs)))
-        tick("agreement", t)
-        t = time.perf_counter()
-        _probe_batch(model, x, labels, lungs, recs, meta, root, size, probe_acc)
-        tick("probes", t)
+                rows.setdefault(check.name, []).extend(check.run(batch, cfg))
+                tick(check.name, t)
+            shown = batch.probs[:, 1] if batch.probs.shape[1] == 2 else batch.probs.max(1)  # as PredictionRow
+            rows["__images__"] += [PredictionRow(r.file, -1 if batch.labels is None else int(batch.labels[i]),
+                                                 int(batch.probs[i].argmax()), float(shown[i]))
+                                   for i, r in enumerate(recs)]
+            first = specs[0].name
+            for row in rows.get("lungs", [])[-len(recs) * len(specs):]:
+                if row.method == first and row.mass < 0.5 and len(thumbs) < 8:
+                    i = batch.files.index(row.file)
+                    thumbs.append((_display(batch.x[i]), batch.maps[first][i].numpy(), batch.lungs[i], row.file,
+                                   float(batch.probs[i, int(batch.targets[i])])))
+            offset += len(recs)
+    finally:
+        bar.close()
+    return rows, timings, thumbs, unreadable
 
-    bar.close()
-    if not rows:
-        raise UserError(f"no readable test image in '{root}'; check the dataset")
-    summary = {spec.name: _summarise([r for r in rows if r["method"] == spec.name], per_method[spec.name])
-               for spec in specs}
-    for name, s in summary.items():
-        log(f"{name}: {100 * s['lung_mass']:.0f}% of the saliency inside the lungs (they cover "
-            f"{100 * s['lung_share']:.0f}%), marker {100 * s['marker_mass']:.1f}%, deletion AUC "
-            f"{s['faithfulness']['deletion_blur']:.3f} vs random {s['faithfulness']['deletion_blur_random']:.3f}, "
-            f"sanity {'passed' if s['sanity']['passed'] else 'failed' if s['sanity']['passed'] is False else 'n/a'}")
-    result = {"run": str(run_dir), "data": str(root), "images": len(rows) // len(specs), "unreadable": unreadable,
-              "methods": summary, "agreement_between_methods": {k: _nanmean(v) for k, v in agreement.items()},
-              "agreement_between_models": {k: _nanmean(v) for k, v in between_models.items()} if other else {},
-              "probes": _probe_summary(probe_acc), "seconds": {k: round(v, 3) for k, v in timings.items()},
-              "seed": seed}
-    out.mkdir(parents=True, exist_ok=True)
-    _write_outputs(out, result, rows, thumbs, specs[0].name)
-    return result | {"out": str(out)}
+
+def _context(subject: Subject, recs: list[Record], x: torch.Tensor, offset: int, model: nn.Module,
+             fns: Mapping[str, MapFn], uses: Mapping[str, bool], others: Mapping[str, nn.Module], src_size: int,
+             phantom: dict[str, Any]) -> Batch:
+    """The frozen per-batch context (maps are added by `_with_maps`)."""
+    size = x.shape[-1]
+    probs = class_probabilities(model, x)
+    if subject.targets:
+        targets = torch.tensor([subject.targets[r.file] for r in recs])
+    else:  # explain what the model predicted
+        targets = torch.from_numpy(probs.argmax(1).astype(np.int64))
+    labels = np.array([r.label for r in recs]) if subject.labelled else None
+    lungs = tuple(load_mask(subject.root, r.mask, size) for r in recs)
+    lesions = tuple(load_mask(subject.root, r.lesions, size) for r in recs)
+    markers = tuple(_marker(subject.meta.get(r.file, {}), size, src_size) for r in recs)
+    phantoms = tuple(_phantom(subject.meta.get(r.file, {}), r, phantom, src_size) for r in recs)
+    return Batch(offset, tuple(recs), x, targets, labels, probs, lungs, lesions, markers, {}, fns, uses, model,
+                 others, phantoms)
+
+
+def _with_maps(b: Batch, timings: dict[str, float]) -> Batch:
+    from dataclasses import replace
+
+    maps = {}
+    for name, fn in b.fns.items():
+        t = time.perf_counter()
+        maps[name] = fn(b.model, b.x, b.targets).detach().float().cpu()
+        timings[f"maps: {name}"] = timings.get(f"maps: {name}", 0.0) + time.perf_counter() - t
+    return replace(b, maps=maps)
+
+
+def _call(spec: MethodSpec, opts: dict[str, Any], model: nn.Module, x: torch.Tensor,
+          target: torch.Tensor) -> torch.Tensor:
+    return spec.fn(model, x, target, **opts)
+
+
+def _display(x: torch.Tensor) -> np.ndarray:
+    """x[C, H, W] -> (H, W) or (H, W, 3) float in [0, 1] for thumbnails."""
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+
+
+def _source_size(subject: Subject) -> int:
+    from PIL import Image
+
+    for r in subject.records[:1]:
+        try:
+            return Image.open(subject.root / r.file).size[0]
+        except (OSError, ValueError):
+            pass
+    return subject.clf.input_size[0]
 
 
 def _marker(row: dict[str, str], size: int, src_size: int) -> np.ndarray | None:
@@ -196,117 +933,12 @@ def _marker(row: dict[str, str], size: int, src_size: int) -> np.ndarray | None:
     return box_mask((size, size), tuple(round(int(v) * size / src_size) for v in box.split()), pad=1)
 
 
-def _localisation_row(r: Record, prob: float, method: str, m: np.ndarray, lung: np.ndarray | None,
-                      lesion: np.ndarray | None, marker: np.ndarray | None, border: np.ndarray,
-                      corners: np.ndarray) -> dict[str, Any]:
-    def score(fn: Callable[..., float], mask: np.ndarray | None) -> float:
-        return _quiet(fn, m, mask) if mask is not None else math.nan
-
-    return {"file": r.file, "label": int(r.label), "probability": round(prob, 6), "method": method,
-            "lung_mass": score(mass_inside, lung), "lung_share": float(lung.mean()) if lung is not None else math.nan,
-            "lung_pointing": score(pointing_game, lung), "border_mass": score(mass_inside, border),
-            "corner_mass": score(mass_inside, corners), "lesion_mass": score(mass_inside, lesion),
-            "lesion_pointing": score(pointing_game, lesion), "lesion_iou": score(otsu_iou, lesion),
-            "marker_mass": score(mass_inside, marker),
-            "marker_share": float(marker.mean()) if marker is not None else math.nan}
-
-
-def _summarise(per: list[dict[str, Any]], acc: dict[str, Any]) -> dict[str, Any]:
-    lung_mass, lung_share = _nanmean([r["lung_mass"] for r in per]), _nanmean([r["lung_share"] for r in per])
-    faith: dict[str, list[float]] = {}
-    for part in acc["faith"]:
-        for k, v in part.items():
-            faith.setdefault(k, []).extend(v)
-    out = {
-        "lung_mass": lung_mass, "lung_share": lung_share,
-        "lung_ratio": lung_mass / lung_share if lung_share and math.isfinite(lung_share) else math.nan,
-        **{key: _nanmean([r[key] for r in per]) for key in (
-            "lung_pointing", "border_mass", "corner_mass", "lesion_mass", "lesion_pointing", "lesion_iou",
-            "marker_mass", "marker_share", "noise_spearman", "noise_ssim", "shift_spearman", "shift_ssim")},
-        "max_sensitivity": _nanmean(acc["sens"]),
-        "faithfulness": {k: float(np.mean(v)) for k, v in faith.items()},
-        "faithfulness_images": len(next(iter(faith.values()), [])),
-        "sanity": acc["sanity"], "sanity_independent": acc.get("sanity_independent"),
-        "flagged": [r["file"] for r in per if r["lung_mass"] < 0.5],
-    }
-    if acc["shuffled"]:
-        out["data_randomisation_spearman"] = _nanmean(acc["shuffled"])
-    return out
-
-
-def _call(spec: MethodSpec, opts: dict[str, Any], model: torch.nn.Module, x: torch.Tensor,
-          target: torch.Tensor) -> torch.Tensor:
-    return spec.fn(model, x, target, **opts)
-
-
-def _faithfulness(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor, k: int,
-                  road: bool, seed: int) -> dict[str, list[float]]:
-    """Per-image deletion / insertion areas, most and least relevant first, for the maps and random maps."""
-    gen = torch.Generator().manual_seed(seed)
-    fills = ["blur", "noisy_linear"] if road else ["blur"]
-    out: dict[str, list[float]] = {}
-    for i in range(min(k, len(x))):
-        rand = torch.rand(maps[i].shape, generator=gen)
-        for fill in fills:
-            for mode in ("deletion", "insertion"):
-                for name, m, order in (("", maps[i], "morf"), ("_random", rand, "morf"), ("_lerf", maps[i], "lerf")):
-                    curve = removal_curve(model, x[i], target[i], m, mode=mode, fill=fill, order=order, steps=10,
-                                          seed=seed)
-                    out.setdefault(f"{mode}_{fill}{name}", []).append(area(curve))
-    return out
-
-
-def _other_model(other: str, clf: Any) -> torch.nn.Module:
-    _, clf2, _ = load_run(other)
-    if clf2.input_size != clf.input_size or clf2.channels != clf.channels:
-        raise UserError(f"--compare {other}: that model takes {clf2.channels}x{clf2.input_size}, this one "
-                        f"{clf.channels}x{clf.input_size}; compare models with the same input")
-    return clf2.to("cpu").module.eval()
-
-
-def _shuffled_label_model(run_dir: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> torch.nn.Module:
-    """Adebayo et al.'s data randomisation: the same training on shuffled labels (kept in RUN/shuffled)."""
-    from saliencylab.train import TrainConfig, train
-
-    fields = {k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__}
-    fields["classes"] = tuple(fields.get("classes", ("Normal", "COVID")))
-    fields["extra"] = {**fields.get("extra", {}), "shuffle_labels": True}
-    out = run_dir / "shuffled"
-    if not (out / "best.pt").is_file():
-        log(f"data randomisation: training on shuffled labels into {out}")
-        train(TrainConfig(**fields), out, progress=False, log=log)
-    return load_run(out)[1].to("cpu").module.eval()
-
-
-def _probe_batch(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, lungs: list, recs: list[Record],
-                 meta: dict[str, dict[str, str]], root: Path, size: int, acc: dict[str, list]) -> None:
-    """Shortcut probes for one batch: predictions with the lungs blacked out (Maguolo & Nanni 2021,
-    https://doi.org/10.1016/j.inffus.2021.04.008) and, on phantoms, with the marker added and removed."""
-    from saliencylab.metrics.probes import blacked_out, positive_probability
-
-    acc["labels"] += labels.tolist()
-    acc["base"] += (positive_probability(model, x) >= 0.5).astype(int).tolist()
-    have = [i for i, m in enumerate(lungs) if m is not None]
-    if have:
-        acc["blacked"] += positive_probability(model, blacked_out(x[have], [lungs[i] for i in have])).tolist()
-        acc["blacked_labels"] += labels[have].tolist()
-    seeds = [meta.get(r.file, {}).get("seed") for r in recs]
-    if not meta or any(sd in (None, "") for sd in seeds):
-        return
-    from saliencylab.data.phantoms import draw
-
-    settings = _phantom_settings(root)
-    src = int(settings.get("size", Image.open(root / recs[0].file).size[0]))
-    for flag, key in ((True, "with"), (False, "without")):
-        arrs = []
-        for r, sd in zip(recs, seeds, strict=True):
-            ph = draw(int(sd), r.cls == "COVID", size=src, marker=flag,
-                      exposure_shift=float(settings.get("exposure_shift", {}).get(r.cls, 0.0)),
-                      lesion_scale=float(settings.get("lesion_scale", 1.0)))
-            img = Image.fromarray((ph.image * 255 + 0.5).astype(np.uint8)).resize((size, size), Image.BILINEAR)
-            arrs.append(np.asarray(img))
-        batch = to_batch(np.stack(arrs), np.arange(len(arrs)), x.shape[1]).contiguous()
-        acc[key] += positive_probability(model, batch).tolist()
+def _phantom(row: dict[str, str], r: Record, settings: dict[str, Any], src_size: int) -> dict[str, Any] | None:
+    if row.get("seed") in (None, ""):
+        return None
+    return {"seed": int(row["seed"]), "covid": r.cls == "COVID", "size": int(settings.get("size", src_size)),
+            "exposure_shift": float(settings.get("exposure_shift", {}).get(r.cls, 0.0)),
+            "lesion_scale": float(settings.get("lesion_scale", 1.0))}
 
 
 def _phantom_settings(root: Path) -> dict[str, Any]:
@@ -316,35 +948,134 @@ def _phantom_settings(root: Path) -> dict[str, Any]:
     return json.loads(json.loads(path.read_text())["settings"]) if path.is_file() else {}
 
 
-def _probe_summary(acc: dict[str, list]) -> dict[str, Any]:
-    from saliencylab.metrics.classification import binary_metrics
+def _other_model(other: str, subject: Subject) -> nn.Module:
+    """A second model for --compare: a run folder or anything `load_model` takes."""
+    from saliencylab.models.registry import load_model
 
-    labels, base = np.array(acc["labels"]), np.array(acc["base"])
-    out: dict[str, Any] = {"accuracy": float((labels == base).mean()) if len(labels) else math.nan}
-    if acc["blacked"]:
-        bl = np.array(acc["blacked_labels"])
-        m = binary_metrics(bl, np.array(acc["blacked"], dtype=float), n_boot=200)
-        # blacking out moves every probability, so besides accuracy at 0.5 the AUROC tells whether the rest of
-        # the image still separates the classes (0.5: it does not)
-        out["lungs_blacked_out"] = {"images": len(bl), "accuracy": m["accuracy"]["value"],
-                                    "balanced_accuracy": m["balanced_accuracy"]["value"], "auroc": m["auroc"]["value"],
-                                    "auroc_ci": [m["auroc"]["ci_low"], m["auroc"]["ci_high"]],
-                                    "majority_baseline_accuracy": m["majority_baseline"]["accuracy"]}
-    if acc["with"]:
-        from saliencylab.metrics.probes import flips
-
-        w, wo = np.array(acc["with"]), np.array(acc["without"])
-        f = flips(w, wo)
-        out["marker_swap"] = {
-            "images": f["images"], "flips": f["flips"], "flip_rate": f["flip_rate"],
-            "positive_rate_with_marker": f["positive_rate_a"], "positive_rate_without_marker": f["positive_rate_b"],
-            "accuracy_with_marker": float(((w >= 0.5) == labels).mean()),
-            "accuracy_without_marker": float(((wo >= 0.5) == labels).mean()),
-        }
-    return out
+    clf = subject.clf
+    clf2 = load_run(other)[1] if (Path(other) / "best.pt").is_file() else load_model(other, device="cpu")
+    if clf2.input_size != clf.input_size or clf2.channels != clf.channels:
+        raise UserError(f"--compare {other}: that model takes {clf2.channels}x{clf2.input_size}, this one "
+                        f"{clf.channels}x{clf.input_size}; compare models with the same input")
+    return clf2.to("cpu").module.eval()
 
 
-def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]], thumbs: list, first: str) -> None:
+def _shuffled_label_model(run_dir: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> nn.Module:
+    """Adebayo et al.'s data randomisation: the same training on shuffled labels (kept in RUN/shuffled)."""
+    from saliencylab.train import TrainConfig, train
+
+    fields_ = {k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__}
+    fields_["classes"] = tuple(fields_.get("classes", ("Normal", "COVID")))
+    fields_["extra"] = {**fields_.get("extra", {}), "shuffle_labels": True}
+    out = run_dir / "shuffled"
+    if not (out / "best.pt").is_file():
+        log(f"data randomisation: training on shuffled labels into {out}")
+        train(TrainConfig(**fields_), out, progress=False, log=log)
+    return load_run(out)[1].to("cpu").module.eval()
+
+
+# ---------------------------------------------------------------------------------------------- aggregate
+
+
+def aggregate(subject: Subject, specs: list[MethodSpec], cfg: AuditConfig, active: list[Check],
+              skipped: list[dict[str, str]], rows: Mapping[str, list[Any]], images: int,
+              unreadable: list[tuple[str, str]], timings: Mapping[str, float]) -> dict[str, Any]:
+    """Every check's summary in one result (the content of audit.json). Skipped checks give their keys with
+    None / NaN values, so the file always has the same shape."""
+    methods: dict[str, dict[str, Any]] = {s.name: {} for s in specs}
+    top: dict[str, Any] = {"probes": {}}
+    for check in CHECKS.values():
+        got = rows.get(check.name, []) if check in active else []
+        if check.per_method:
+            for s in specs:
+                methods[s.name].update(check.summarise([r for r in got if r.method == s.name], cfg))
+        elif check.section:
+            top[check.section].update(check.summarise(got, cfg))
+        else:
+            top.update(check.summarise(got, cfg))
+    return {"kind": subject.kind, **{k: subject.origin.get(k) for k in ("run", "explain", "model", "weights")},
+            "data": subject.origin.get("data"), "masks": subject.origin.get("masks"), "classes": list(subject.classes),
+            "scope": subject.scope, "images": images, "unreadable": len(unreadable),
+            "unreadable_files": [{"file": f, "reason": r} for f, r in unreadable],
+            "checks": [c.name for c in active], "skipped": skipped, "methods": methods, **top,
+            "seconds": {k: round(v, 3) for k, v in timings.items()}, "seed": cfg.seed}
+
+
+def summary_lines(result: Mapping[str, Any]) -> list[str]:
+    """A few lines for the terminal."""
+    lines = []
+    for name, s in result["methods"].items():
+        parts = []
+        if "lungs" in result["checks"]:
+            parts.append(f"{100 * s['lung_mass']:.0f}% of the saliency inside the lungs (they cover "
+                         f"{100 * s['lung_share']:.0f}%)")
+        if "marker" in result["checks"]:
+            parts.append(f"marker {100 * s['marker_mass']:.1f}% (its share {100 * s['marker_share']:.1f}%)")
+        f = s["faithfulness"]["blur"]["deletion"]
+        parts.append(f"deletion AUC {f['map']:.3f} vs random {f['random']:.3f}")
+        sanity_ = s["sanity"]
+        parts.append("sanity " + ("n/a" if not sanity_ or sanity_["passed"] is None else
+                                  "passed" if sanity_["passed"] else "failed"))
+        lines.append(f"{name}: " + ", ".join(parts))
+    p = result["probes"]
+    if p.get("lungs_blacked_out"):
+        b = p["lungs_blacked_out"]
+        lines.append(f"lungs blacked out: accuracy {b['accuracy']:.3f} (majority baseline "
+                     f"{b['majority_baseline_accuracy']:.3f}), AUROC {b['auroc']:.3f} (0.5: nothing left to read)")
+    if p.get("marker_swap"):
+        lines.append(f"marker added vs removed: {p['marker_swap']['flips']} of {p['marker_swap']['images']} "
+                     "predictions flip")
+    if result["unreadable"]:
+        lines.append(f"{result['unreadable']} unreadable images skipped: "
+                     + ", ".join(u["file"] for u in result["unreadable_files"][:5])
+                     + (" ..." if result["unreadable"] > 5 else ""))
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ writers
+
+
+def image_rows(rows: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+    """One row per (image, method) with every per-image number of the per-method checks (audit_images.csv)."""
+    preds = {r.file: r for r in rows.get("__images__", [])}
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, got in rows.items():
+        check = CHECKS.get(name)
+        if check is None or not check.per_method or not got or not hasattr(got[0], "file"):
+            continue
+        if name not in ("lungs", "lesions", "border", "marker", "stability", "complexity"):
+            continue  # not every image / kept in the summary
+        for r in got:
+            p = preds[r.file]
+            row = merged.setdefault((r.file, r.method), {"file": r.file, "label": p.label,
+                                                          "probability": round(p.probability, 6), "method": r.method})
+            prefix = {"lungs": "lung_", "lesions": "lesion_"}.get(name, "")
+            row.update({prefix + f.name: getattr(r, f.name) for f in fields(r)
+                        if f.name not in ("file", "method", "region")})
+    return list(merged.values())
+
+
+def write_outputs(out: Path, result: Mapping[str, Any], rows: Mapping[str, list[Any]], thumbs: list,
+                  first: str) -> None:
+    """audit.json, audit_images.csv, flagged.csv, unreadable.json and the figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "audit.json", result)
+    write_json(out / "unreadable.json", result["unreadable_files"])
+    table = image_rows(rows)
+    if table:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in table for k in r)), lineterminator="\n")
+        w.writeheader()
+        w.writerows(table)
+        write_text(out / "audit_images.csv", buf.getvalue())
+    s = result["methods"]
+    flagged = sorted({f for m in s.values() for f in (m.get("flagged") or [])})
+    write_text(out / "flagged.csv", "file,methods\n" + "".join(
+        f"{f},{' '.join(n for n, m in s.items() if f in (m.get('flagged') or []))}\n" for f in flagged))
+    _figures(out, result, thumbs, first)
+
+
+def _figures(out: Path, result: Mapping[str, Any], thumbs: list, first: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -353,44 +1084,36 @@ def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]
 
     from saliencylab.render import normalise, overlay
 
-    write_json(out / "audit.json", result)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out / "audit_images.csv", buf.getvalue())
-    flagged = sorted({f for s in result["methods"].values() for f in s["flagged"]})
-    write_text(out / "flagged.csv", "file,methods\n" + "".join(
-        f"{f},{' '.join(m for m, s in result['methods'].items() if f in s['flagged'])}\n" for f in flagged))
-
-    names = list(result["methods"])
     s = result["methods"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.4))
-    pos = np.arange(len(names))
-    ax.bar(pos - 0.2, [s[n]["lung_mass"] for n in names], 0.4, label="saliency inside the lungs")
-    ax.bar(pos + 0.2, [s[n]["lung_share"] for n in names], 0.4, label="lungs' share of the image (chance)")
-    ax.set_xticks(pos, names)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title("localisation against anatomy")
-    save_figure(fig, out / "localisation.png")
+    names = list(s)
+    if "lungs" in result["checks"]:
+        fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.4))
+        pos = np.arange(len(names))
+        ax.bar(pos - 0.2, [s[n]["lung_mass"] for n in names], 0.4, label="saliency inside the lungs")
+        ax.bar(pos + 0.2, [s[n]["lung_share"] for n in names], 0.4, label="lungs' share of the image (chance)")
+        ax.set_xticks(pos, names)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title("localisation against anatomy")
+        save_figure(fig, out / "localisation.png")
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for n in names:
-        steps = s[n]["sanity"]["steps"] if s[n]["sanity"] else []
-        ax.plot(range(1, len(steps) + 1), [st["ssim"] for st in steps], "o-", label=n)
-    base = [s[n]["sanity"]["baseline"]["ssim"] for n in names if s[n]["sanity"]]
-    if base and np.isfinite(base).any():
-        ax.axhline(float(np.nanmean(base)), color="gray", ls="--", label="unrelated images")
-    ax.set(xlabel="layers randomised (from the output down)", ylabel="SSIM to the original map",
-           title="cascading randomisation")
-    ax.legend(fontsize=8)
-    save_figure(fig, out / "sanity.png")
+    if any(s[n]["sanity"] for n in names):
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        for n in names:
+            steps = s[n]["sanity"]["steps"] if s[n]["sanity"] else []
+            ax.plot(range(1, len(steps) + 1), [st["ssim"] for st in steps], "o-", label=n)
+        base = [s[n]["sanity"]["baseline"]["ssim"] for n in names if s[n]["sanity"]]
+        if base and np.isfinite(base).any():
+            ax.axhline(float(np.nanmean(base)), color="gray", ls="--", label="unrelated images")
+        ax.set(xlabel="layers randomised (from the output down)", ylabel="SSIM to the original map",
+               title="cascading randomisation")
+        ax.legend(fontsize=8)
+        save_figure(fig, out / "sanity.png")
 
     if thumbs:
         fig, axes = plt.subplots(1, len(thumbs), figsize=(2.2 * len(thumbs), 2.6), squeeze=False)
         for ax, (img, m, lung, file, p) in zip(axes[0], thumbs, strict=True):
-            rgb = overlay(img.astype(np.float32) / 255, normalise(np.abs(m), "percentile"))
+            rgb = overlay(img.astype(np.float32), normalise(np.abs(m), "percentile"))
             if lung is not None:
                 rgb[find_boundaries(lung)] = (0, 255, 0)
             ax.imshow(rgb)
@@ -400,64 +1123,6 @@ def _write_outputs(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]
         save_figure(fig, out / "flagged.png")
 
 
-def audit_explain(folder: str | Path, *, n: int = 64, sanity_images: int = 8, faithfulness_images: int = 16,
-                  seed: int = 0, out: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The checks that need no masks (sanity, faithfulness, stability, agreement) on an `explain` output
-    folder: its model, images, targets, methods and method options, from its results.json."""
-    import json
-
-    from saliencylab.data.images import load_image
-    from saliencylab.methods import get_method
-    from saliencylab.models.registry import load_model
-
-    folder = Path(folder)
-    res = json.loads((folder / "results.json").read_text())
-    args = res.get("model_args") or {"model": res["model"]["name"], "weights": None}
-    clf = load_model(args["model"], weights=args.get("weights"), device="cpu")
-    images = res["images"][:n]
-    if not images:
-        raise UserError(f"'{folder}/results.json' lists no images; run `saliencylab explain` again")
-    try:
-        x = torch.stack([clf.preprocess(load_image(im["source"]).pixels) for im in images])
-    except UserError as err:
-        raise UserError(f"cannot reload the images of '{folder}': {err}") from None
-    target = torch.tensor([im["target"]["index"] for im in images])
-    timings: dict[str, float] = {}
-    summary: dict[str, Any] = {}
-    maps_by: dict[str, np.ndarray] = {}
-    for name, info in res["methods"].items():
-        spec = get_method(name)
-        opts = {k: v for k, v in info.get("options", {}).items() if k in spec.options()
-                and isinstance(v, (int, float, str, bool)) and not (isinstance(v, str) and v.startswith("<"))}
-        fn = partial(_call, spec, opts)
-        t = time.perf_counter()
-        maps = torch.cat([fn(clf.module, x[lo:lo + 8], target[lo:lo + 8]) for lo in range(0, len(x), 8)]).float()
-        maps_by[name] = maps.numpy()
-        timings[f"{name}: maps"] = time.perf_counter() - t
-        t = time.perf_counter()
-        stab = stability(clf.module, x, target, fn, maps=maps, seed=seed)
-        timings[f"{name}: stability"] = time.perf_counter() - t
-        t = time.perf_counter()
-        faith = _faithfulness(clf.module, x, target, maps, faithfulness_images, False, seed)
-        timings[f"{name}: faithfulness"] = time.perf_counter() - t
-        t = time.perf_counter()
-        sanity = randomisation_check(clf.module, x[:sanity_images], target[:sanity_images], fn, seed=seed) \
-            if spec.uses_model else None
-        timings[f"{name}: sanity"] = time.perf_counter() - t
-        summary[name] = {
-            **{key: _nanmean([r[key] for r in stab]) for key in stab[0]},
-            "faithfulness": {k: float(np.mean(v)) for k, v in faith.items()}, "sanity": sanity,
-        }
-        log(f"{name}: deletion AUC {summary[name]['faithfulness']['deletion_blur']:.3f} vs random "
-            f"{summary[name]['faithfulness']['deletion_blur_random']:.3f}, noise Spearman "
-            f"{summary[name]['noise_spearman']:.2f}, sanity "
-            f"{'n/a' if not sanity or sanity['passed'] is None else 'passed' if sanity['passed'] else 'failed'}")
-    names = list(maps_by)
-    agreement = {f"{a} vs {b}": _nanmean([spearman(maps_by[a][i], maps_by[b][i]) for i in range(len(x))])
-                 for ai, a in enumerate(names) for b in names[ai + 1:]}
-    result = {"explain": str(folder), "model": args, "images": len(images), "methods": summary,
-              "agreement_between_methods": agreement, "seconds": {k: round(v, 3) for k, v in timings.items()},
-              "seed": seed}
-    out = Path(out) if out else folder / "audit"
-    write_json(out / "audit.json", result)
-    return result | {"out": str(out)}
+def as_rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """Dataclass rows as dicts (for tests and notebooks)."""
+    return [asdict(r) for r in rows]

@@ -10,73 +10,94 @@ from typing import Any
 import numpy as np
 import torch
 
-from saliencylab.data.datasets import load_dataset, load_mask, read_split
+from saliencylab.data.datasets import Record, load_mask
 from saliencylab.errors import UserError
 from saliencylab.fsutil import write_json, write_text
 from saliencylab.metrics.classification import binary_metrics, in_words
-from saliencylab.models.registry import Classifier, load_checkpoint
+from saliencylab.models.registry import Classifier
 from saliencylab.render.figures import save_figure
-from saliencylab.train import decode_cache, evaluate_logits, to_batch
+from saliencylab.studies.subject import Subject, check_input, class_probabilities, load_batch, load_run, resolve
+
+__all__ = ["evaluate", "figure_3", "load_run", "summary_lines"]
 
 
-def load_run(run: str | Path) -> tuple[Path, Classifier, dict[str, Any]]:
-    """The run folder, its best checkpoint and its training config."""
-    run = Path(run)
-    ckpt = run / "best.pt"
-    if not ckpt.is_file():
-        raise UserError(f"'{run}' has no best.pt; train first with `saliencylab train --out {run}`")
-    clf = load_checkpoint(ckpt)
-    return run, clf, dict(clf.extra.get("config", {}))
+def evaluate(run: str | Path | None = None, *, model: str | None = None, weights: str | None = None,
+             data: str | Path | None = None, classes: tuple[str, ...] | None = None, masks: str | Path | None = None,
+             n: int | None = None, threshold: float = 0.5, out: str | Path | None = None, figure3: bool = True,
+             methods: str = "vanilla,smoothgrad,integrated_gradients,gradcam", n_per_side: int = 2, low: float = 0.1,
+             high: float = 0.9, seed: int = 0, batch_size: int = 64, progress: bool | None = None,
+             log: Any = None) -> dict[str, Any]:
+    """Write predictions.csv, metrics.json, unreadable.json, ROC / confusion / histogram PNGs and Figure 3.
 
-
-def evaluate(run: str | Path, *, data: str | None = None, threshold: float = 0.5, out: str | Path | None = None,
-             figure3: bool = True, methods: str = "vanilla,smoothgrad,integrated_gradients,gradcam",
-             n_per_side: int = 2, low: float = 0.1, high: float = 0.9, seed: int = 0,
-             progress: bool | None = None) -> dict[str, Any]:
-    """Write predictions.csv, metrics.json, ROC / confusion / histogram PNGs and Figure 3.
-
-    With `data`, the images of that dataset whose names are in the run's test split are used (phantoms
-    drawn with the same seed share names, so a marker-swapped copy tests the same patients); when none
-    match, all of its images are.
+    The model and images come from a run folder (its test split; with `data`, the images of that dataset
+    whose names are in the test split, else all of them) or from `model` + `data` (every image, or a seeded
+    sample of `n`). Images stream through in batches of `batch_size`: memory stays flat in their number.
+    Unreadable images are skipped and listed (console, unreadable.json, metrics.json).
     """
-    run, clf, cfg = load_run(run)
-    out = Path(out) if out else run / ("eval" if data is None else f"eval-{Path(data).name}")
-    out.mkdir(parents=True, exist_ok=True)
-    root = data or cfg.get("data")
-    if not root:
-        raise UserError(f"'{run}/best.pt' does not record its dataset; pass --data DIR")
-    classes = tuple(cfg.get("classes", clf.class_names))
-    ds = load_dataset(root, classes=classes)
-    split = read_split(run / "split.csv") if (run / "split.csv").is_file() else {}
-    test = [r for r in ds.records if split.get(r.file) == "test"]
-    scope = "test split"
-    if not test:
-        test, scope = list(ds.records), "all images"
-    cache, bad = decode_cache(ds, test, clf.input_size[0], progress=progress)
-    keep = np.array([r.file not in {f for f, _ in bad} for r in test])
-    test = [r for r, k in zip(test, keep, strict=True) if k]
-    cache = cache[keep]
-    clf.to("cpu")
-    logits = evaluate_logits(clf, cache, np.arange(len(test)))
-    probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
-    labels = np.array([r.label for r in test])
+    subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed)
+    if not subject.labelled:
+        raise UserError(f"'{subject.base}' is an explain folder without labels; pass --data DIR (labelled images)")
+    if not subject.binary:
+        raise UserError(f"evaluate reports binary metrics; this model has {len(subject.classes)} classes "
+                        f"({', '.join(subject.classes)}): use `saliencylab audit` for it, or --classes NEG,POS "
+                        "with a binary model")
+    out = Path(out) if out else subject.default_out("eval", str(data) if data else None)
+    probs, kept, bad = _predict(subject, batch_size, progress)
+    if log is not None and bad:
+        log(f"{len(bad)} unreadable images skipped: " + ", ".join(f for f, _ in bad[:10])
+            + (" ..." if len(bad) > 10 else "") + f" (listed in {out / 'unreadable.json'})")
+    if not kept:
+        raise UserError(f"no readable image in '{subject.origin.get('data')}' ({len(bad)} unreadable); "
+                        "check the dataset")
+    classes = subject.classes
+    labels = np.array([r.label for r in kept])
     metrics = binary_metrics(labels, probs, threshold=threshold, seed=seed)
     metrics["in_words"] = in_words(metrics, classes)
-    metrics.update({"classes": list(classes), "positive_class": classes[1], "data": str(root), "scope": scope,
-                    "unreadable": len(bad), "checkpoint": str(run / "best.pt")})
+    metrics.update({"classes": list(classes), "positive_class": classes[1], "data": str(subject.origin.get("data")),
+                    "scope": subject.scope, "unreadable": len(bad),
+                    "checkpoint": str(subject.base / "best.pt") if subject.kind == "run" else None,
+                    "model": subject.origin.get("model"), "weights": subject.origin.get("weights")})
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "unreadable.json", [{"file": f, "reason": r} for f, r in bad])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file", "label", "probability", "prediction"])
-    for r, p in zip(test, probs, strict=True):
+    for r, p in zip(kept, probs, strict=True):
         w.writerow([r.file, r.label, f"{p:.6f}", int(p >= threshold)])
     write_text(out / "predictions.csv", buf.getvalue())
     write_json(out / "metrics.json", metrics)
     _plots(out, labels, probs, metrics, classes)
     if figure3:
-        metrics["figure3"] = figure_3(clf, ds.root, test, cache, probs, out, methods=methods, n_per_side=n_per_side,
+        metrics["figure3"] = figure_3(subject, kept, probs, out, methods=methods, n_per_side=n_per_side,
                                       low=low, high=high, seed=seed)
         write_json(out / "metrics.json", metrics)
-    return metrics | {"out": str(out)}
+    if subject.kind == "model" and out.parent == subject.base:
+        write_json(subject.base / "model.json", subject.origin)
+    return metrics | {"out": str(out), "unreadable_files": [f for f, _ in bad]}
+
+
+def _predict(subject: Subject, batch_size: int, progress: bool | None) -> tuple[np.ndarray, list[Record],
+                                                                                 list[tuple[str, str]]]:
+    """Positive-class probability per readable image, batch by batch; the readable records; the unreadable."""
+    from tqdm import tqdm
+
+    clf = subject.clf
+    probs: list[np.ndarray] = []
+    kept: list[Record] = []
+    bad: list[tuple[str, str]] = []
+    with tqdm(total=len(subject.records), unit="img", desc="evaluate", leave=False,
+              disable=None if progress is None else not progress) as bar:
+        for lo in range(0, len(subject.records), batch_size):
+            x, recs, skipped = load_batch(subject, subject.records[lo:lo + batch_size])
+            bad += skipped
+            if recs:
+                if not kept:
+                    check_input(clf, subject.origin.get("model") or subject.origin.get("run", "?"),
+                                str(subject.origin.get("data")), x)
+                probs.append(class_probabilities(clf.module, x)[:, 1])
+                kept += recs
+            bar.update(len(recs) + len(skipped))
+    return (np.concatenate(probs) if probs else np.zeros(0)), kept, bad
 
 
 def _plots(out: Path, labels: np.ndarray, probs: np.ndarray, metrics: dict[str, Any], classes: tuple) -> None:
@@ -115,13 +136,14 @@ def _plots(out: Path, labels: np.ndarray, probs: np.ndarray, metrics: dict[str, 
     save_figure(fig, out / "histograms.png")
 
 
-def figure_3(clf: Classifier, root: Path, records: list, cache: np.ndarray, probs: np.ndarray, out: Path, *,
-             methods: str, n_per_side: int, low: float, high: float, seed: int) -> dict[str, Any]:
+def figure_3(subject: Subject, records: list[Record], probs: np.ndarray, out: Path, *, methods: str,
+             n_per_side: int, low: float, high: float, seed: int) -> dict[str, Any]:
     """Saliency for test images predicted near 0 and near 1 (the article's Figure 3), lung contour on top."""
 
     from saliencylab.methods import parse_methods, resolve_target
     from saliencylab.render import normalise, overlay, smooth
 
+    clf: Classifier = subject.clf
     specs = parse_methods(methods)
     rng = np.random.default_rng(seed)
     low_idx, high_idx = np.nonzero(probs <= low)[0], np.nonzero(probs >= high)[0]
@@ -129,7 +151,9 @@ def figure_3(clf: Classifier, root: Path, records: list, cache: np.ndarray, prob
     chosen += [int(i) for i in rng.permutation(high_idx)[:n_per_side]]
     if not chosen:
         return {"images": [], "note": f"no test image predicted <= {low} or >= {high}"}
-    x = to_batch(cache, np.array(chosen), clf.channels).contiguous()
+    x, recs, bad = load_batch(subject, [records[i] for i in chosen])
+    if bad:  # rotted since it was read a moment ago
+        return {"images": [], "note": f"{len(bad)} of the chosen images became unreadable"}
     side = torch.tensor([0 if probs[i] <= low else 1 for i in chosen])
     target = resolve_target(clf.module, x, side)
     maps = {s.name: s.fn(clf.module, x, target).detach().numpy() for s in specs}
@@ -144,10 +168,10 @@ def figure_3(clf: Classifier, root: Path, records: list, cache: np.ndarray, prob
     info = []
     for r, i in enumerate(chosen):
         rec = records[i]
-        img = cache[i].astype(np.float32) / 255
-        lung = load_mask(root, rec.mask, img.shape[0])
+        img = x[r, 0].numpy() if x.shape[1] == 1 else x[r].permute(1, 2, 0).numpy()
+        lung = load_mask(subject.root, rec.mask, img.shape[0])
         contour = find_boundaries(lung) if lung is not None else None
-        name = "COVID" if rec.label else "Normal"
+        name = subject.classes[rec.label]
         axes[r, 0].imshow(img, cmap="gray")
         axes[r, 0].set_title(f"{Path(rec.file).name}\n{name}, p={probs[i]:.3f}", fontsize=8)
         for c, s in enumerate(specs, start=1):
