@@ -272,3 +272,25 @@ def test_stability_shift_larger_than_the_image_is_refused():
     x = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="shift must be below half the image side"):
         stability(model, x, torch.tensor([1]), vanilla, shift=3)  # nothing left to compare
+
+
+def test_randomisation_leaves_integer_parameters_alone_and_skips_their_layers():
+    """A layer whose only parameter is an integer state (Keras keeps a dropout seed that way) is not a
+    weight: it is not listed as a layer to randomise and randomising its neighbours does not touch it."""
+    from saliencylab.metrics.sanity import parameter_layers, randomise
+
+    class Seeded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.state = torch.nn.Parameter(torch.tensor([7, 11], dtype=torch.int64), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    model = torch.nn.Sequential(TinyCNN(), Seeded()).eval()
+    assert "1" not in parameter_layers(model) and "0.conv1" in parameter_layers(model)
+    randomise(model[1], 0)  # no reset_parameters: the scaled-normal path, which used to call std() on ints
+    assert model[1].state.tolist() == [7, 11]
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    res = randomisation_check(model, x, torch.tensor([0, 1]), vanilla)
+    assert [s["layer"] for s in res["steps"]][0] != "1" and res["passed"] is not None

@@ -318,6 +318,10 @@ def evaluate(
     data: Path = typer.Option(None, "--data", help=DATA_HELP),
     classes: str = typer.Option(None, "--classes", help=CLASSES_HELP),
     masks: Path = typer.Option(None, "--masks", help=MASKS_HELP),
+    input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
+    channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
     n: int = typer.Option(None, "--n", min=1, help="a seeded sample of this many images (default: all)"),
     threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0, help="positive when p >= threshold"),
     out: Path = typer.Option(None, "--out", help="output folder (default: RUN/eval, RUN/eval-<data>, or "
@@ -334,6 +338,7 @@ def evaluate(
     """Test a model: predictions.csv, metrics.json with 95% CIs, ROC, confusion matrix, Figure 3."""
     from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
+    from saliencylab.models import preprocessing_kwargs
     from saliencylab.studies.cxr import evaluate as run_eval
     from saliencylab.studies.cxr import summary_lines
 
@@ -345,7 +350,8 @@ def evaluate(
     metrics = run_eval(run, model=model, weights=weights, data=str(data) if data else None,
                        classes=_class_list(classes), masks=masks, n=n, threshold=threshold, out=out, methods=methods,
                        n_per_side=per_side, low=low, high=high, seed=seed, batch_size=batch_size, progress=progress,
-                       log=lambda line: typer.echo(line, err=True))
+                       log=lambda line: typer.echo(line, err=True),
+                       model_kwargs=preprocessing_kwargs(input_size, channels, mean, std))
     typer.echo(f"{metrics['scope']} of {metrics['data']}: {metrics['n']} images"
                + (f" ({metrics['unreadable']} unreadable skipped)" if metrics["unreadable"] else ""))
     for line in summary_lines(metrics):
@@ -366,6 +372,10 @@ def audit(
     data: Path = typer.Option(None, "--data", help=DATA_HELP),
     classes: str = typer.Option(None, "--classes", help=CLASSES_HELP),
     masks: Path = typer.Option(None, "--masks", help=MASKS_HELP),
+    input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
+    channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
+    mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
+    std: str = typer.Option(None, "--std", help=STD_HELP),
     methods: str = typer.Option(None, "--methods", help="comma-separated method names, or 'all' (default: an "
                                                         "explain folder's own, else vanilla,smoothgrad,"
                                                         "integrated_gradients,gradcam)"),
@@ -389,6 +399,7 @@ def audit(
     (sanity, faithfulness, stability, agreement); the others are listed as skipped, with the reason.
     """
     from saliencylab.fsutil import check_output_dir
+    from saliencylab.models import preprocessing_kwargs
     from saliencylab.studies.audit import audit as run_audit
 
     if out is not None:
@@ -399,7 +410,8 @@ def audit(
                        classes=_class_list(classes), masks=masks, methods=methods, n=n,
                        compare=str(compare) if compare else None, sanity_images=sanity_images,
                        faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,
-                       smprt=smprt, seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo)
+                       smprt=smprt, seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo,
+                       model_kwargs=preprocessing_kwargs(input_size, channels, mean, std))
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
     typer.echo(f"wrote {result['out']}/audit.json, audit_images.csv, flagged.csv, unreadable.json and figures")
 

@@ -32,7 +32,9 @@ LAYER_ORDERS: tuple[str, ...] = ("top_down", "bottom_up")
 
 def parameter_layers(model: nn.Module) -> list[str]:
     """Names of modules that own parameters, in definition order (input side first)."""
-    return [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    # floating-point parameters only: an integer state held as a parameter (a Keras layer's seed) is no weight
+    return [name for name, m in model.named_modules()
+            if any(p.is_floating_point() for p in m.parameters(recurse=False))]
 
 
 def randomise(module: nn.Module, seed: int) -> None:
@@ -47,7 +49,8 @@ def randomise(module: nn.Module, seed: int) -> None:
         else:
             with torch.no_grad():
                 for p in module.parameters(recurse=False):
-                    p.normal_(0, float(p.std()) if p.numel() > 1 else 0.1)
+                    if p.is_floating_point():
+                        p.normal_(0, float(p.std()) if p.numel() > 1 else 0.1)
 
 
 def _compare(orig: np.ndarray, new: np.ndarray) -> dict[str, float]:

@@ -739,7 +739,8 @@ def audit(run: str | Path | None = None, *, model: str | None = None, weights: s
           faithfulness_images: int = 16, road: bool = False, data_randomisation: bool = False,
           smprt: bool = False, faithfulness_subsets: int = 50, seed: int = 0,
           batch_size: int = 16, options: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
-          progress: bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+          progress: bool | None = None, log: Callable[[str], None] = print,
+          model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Audit the saliency maps of a run, an explain folder, or any model on any labelled data; write
     audit.json, audit_images.csv, flagged.csv and figures under `out` (default RUN/audit).
 
@@ -748,7 +749,8 @@ def audit(run: str | Path | None = None, *, model: str | None = None, weights: s
     methods and options, else the four gradient and CAM methods; `options` holds per-method keyword
     options (e.g. {'smoothgrad': {'n_samples': 8}}). Checks that cannot run are listed with their reasons.
     """
-    subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed)
+    subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed,
+                      model_kwargs=model_kwargs)
     specs, options = _methods(subject, methods, options)
     cfg = AuditConfig(sanity_images=sanity_images, faithfulness_images=faithfulness_images, road=road,
                       faithfulness_subsets=faithfulness_subsets, seed=seed)

@@ -26,7 +26,7 @@ def evaluate(run: str | Path | None = None, *, model: str | None = None, weights
              n: int | None = None, threshold: float = 0.5, out: str | Path | None = None, figure3: bool = True,
              methods: str = "vanilla,smoothgrad,integrated_gradients,gradcam", n_per_side: int = 2, low: float = 0.1,
              high: float = 0.9, seed: int = 0, batch_size: int = 64, progress: bool | None = None,
-             log: Any = None) -> dict[str, Any]:
+             log: Any = None, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write predictions.csv, metrics.json, unreadable.json, ROC / confusion / histogram PNGs and Figure 3.
 
     The model and images come from a run folder (its test split; with `data`, the images of that dataset
@@ -34,7 +34,8 @@ def evaluate(run: str | Path | None = None, *, model: str | None = None, weights
     sample of `n`). Images stream through in batches of `batch_size`: memory stays flat in their number.
     Unreadable images are skipped and listed (console, unreadable.json, metrics.json).
     """
-    subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed)
+    subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed,
+                      model_kwargs=model_kwargs)
     if not subject.labelled:
         raise UserError(f"'{subject.base}' is an explain folder without labels; pass --data DIR (labelled images)")
     if not subject.binary:

@@ -95,7 +95,7 @@ def load_run(run: str | Path) -> tuple[Path, Classifier, dict[str, Any]]:
 
 def resolve(run: str | Path | None = None, *, model: str | None = None, weights: str | None = None,
             data: str | Path | None = None, classes: Sequence[str] | None = None, masks: str | Path | None = None,
-            n: int | None = None, seed: int = 0) -> Subject:
+            n: int | None = None, seed: int = 0, model_kwargs: dict[str, Any] | None = None) -> Subject:
     """The subject named by a run / explain folder, or by a model and a dataset.
 
     Args:
@@ -105,6 +105,8 @@ def resolve(run: str | Path | None = None, *, model: str | None = None, weights:
         classes: class names in the model's output order (default: the model's own).
         masks: a folder of lung masks matched by file name.
         n: a seeded sample of this many images (None: every image).
+        model_kwargs: preprocessing for `load_model` that the model file does not carry (input_size,
+            channels, mean, std; see `saliencylab.models.preprocessing_kwargs`).
     """
     if run is not None and model is not None:
         raise UserError(f"give either a run folder ({run}) or --model {model}, not both")
@@ -130,7 +132,7 @@ def resolve(run: str | Path | None = None, *, model: str | None = None, weights:
     assert model is not None
     if not data:
         raise UserError(f"--model {model}: also give --data DIR (a dataset folder or a CSV of file,label[,mask])")
-    clf = load_model(model, weights=weights, device="cpu")
+    clf = load_model(model, weights=weights, device="cpu", **(model_kwargs or {}))
     names = tuple(classes or clf.class_names)
     ds = _dataset(clf, model, data, names, masks)
     base = Path("runs") / _slug(f"{Path(model).stem}-{Path(data).stem}")
@@ -186,7 +188,8 @@ def _explain_subject(folder: Path, *, data: str | Path | None, classes: Sequence
 
     res = json.loads((folder / "results.json").read_text())
     args = res.get("model_args") or {"model": res["model"]["name"], "weights": None}
-    clf = load_model(args["model"], weights=args.get("weights"), device="cpu")
+    # reload exactly as explain loaded it: the preprocessing flags ride along in model_args
+    clf = load_model(args["model"], device="cpu", **{k: v for k, v in args.items() if k != "model"})
     origin = {"explain": str(folder), "model": args["model"], "weights": args.get("weights"),
               "data": str(data) if data else None, "masks": str(masks) if masks else None}
     if data:
