@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from saliencylab.errors import UserError
 from saliencylab.methods._common import capture_output, eval_mode, fast_layout, layer_by_name, target_score
 from saliencylab.methods.registry import register_method
 from saliencylab.models.registry import find_cam_layer
@@ -17,12 +18,16 @@ def layer_activation_and_gradient(model: nn.Module, x: torch.Tensor, target: tor
 
     The layer defaults to `model.cam_layer` when the model names one, else to `find_cam_layer`.
     """
-    name = layer or getattr(model, "cam_layer", None) or find_cam_layer(model, x)
-    module = layer_by_name(model, name)
-    with eval_mode(model), capture_output(module, cut=True) as store, torch.enable_grad():
-        score = target_score(model(fast_layout(x.detach())), target).sum()
-        (grads,) = torch.autograd.grad(score, store["out"])
-    return store["out"].detach(), grads
+    with eval_mode(model):  # the layer search runs a forward pass too: every submodule's mode comes back
+        name = layer or getattr(model, "cam_layer", None) or find_cam_layer(model, x)
+        module = layer_by_name(model, name)
+        with capture_output(module, cut=True, name=name) as store, torch.enable_grad():
+            score = target_score(model(fast_layout(x.detach())), target).sum()
+            if "out" not in store:
+                raise UserError(f"the CAM layer '{name}' does not run in the forward pass; name another layer")
+            (grads,) = torch.autograd.grad(score, store["out"], allow_unused=True)
+    acts = store["out"].detach()
+    return acts, torch.zeros_like(acts) if grads is None else grads  # unused: the score does not depend on it
 
 
 @register_method("gradcam", family="cam", paper="Selvaraju et al. 2017, https://arxiv.org/abs/1610.02391")
