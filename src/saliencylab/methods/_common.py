@@ -74,6 +74,17 @@ def per_pass(batch_size: int | None, images: int) -> int:
     return max(1, int(batch_size) // max(1, images))
 
 
+def normal_draws(seed: int, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    """Standard normal float32 tensors of `shape`, one per `next`, from a CPU generator seeded with `seed`.
+
+    One draw per call, so the k-th tensor is the same however a caller groups the draws into passes, and
+    the same on every device (move it there). Draw in sample order.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    while True:
+        yield torch.randn(shape, generator=gen, dtype=torch.float32)
+
+
 def spatial_dims(x: torch.Tensor) -> tuple[int, ...]:
     """The spatial axes of x[B, C, *spatial]."""
     return tuple(range(2, x.ndim))

@@ -16,6 +16,7 @@ from saliencylab.methods._common import (
     chunks,
     eval_mode,
     input_gradient,
+    normal_draws,
     per_pass,
     target_score,
 )
@@ -59,7 +60,9 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
         n_samples: noisy copies per image.
         noise_level: noise std as a fraction of each image's value range (max - min); the paper's 10-20%.
         batch_size: most samples per forward pass (None: one noisy copy of the batch per pass).
-        seed: the noise is drawn from a generator seeded with it.
+        seed: fixes the noise. Noise sample s is the s-th draw of a CPU generator seeded with it (the same
+            for every image, scaled by each image's range), moved to x's device: the map does not depend on
+            `batch_size`, on the other images of the batch, on x's dtype (draws are float32) or on the device.
 
     Returns:
         [B, *spatial], >= 0. With one sample and zero noise it equals `vanilla`.
@@ -67,14 +70,14 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
     b = x.shape[0]
     dims = tuple(range(1, x.ndim))
     sigma = noise_level * (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    draws = normal_draws(seed, tuple(x.shape[1:]))
     total = torch.zeros_like(x)
     k = per_pass(batch_size, b)
     with eval_mode(model):
         for start, stop in chunks(n_samples, k):
             n = stop - start
-            noise = torch.randn((n, *x.shape), generator=gen, device=x.device, dtype=x.dtype)
-            noisy = (x.detach().unsqueeze(0) + sigma.unsqueeze(0) * noise).reshape(n * b, *x.shape[1:])
+            noise = torch.stack([next(draws) for _ in range(n)]).to(x.device, x.dtype)  # (n, C, *spatial)
+            noisy = (x.detach().unsqueeze(0) + sigma.unsqueeze(0) * noise.unsqueeze(1)).reshape(n * b, *x.shape[1:])
             grad = input_gradient(model, noisy, target.repeat(n))
             total += grad.abs().reshape(n, *x.shape).sum(0)
     return (total / n_samples).amax(dim=1)

@@ -74,32 +74,36 @@ def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: in
     """Randomised input sampling: the mask-weighted mean of the target probability over random soft masks.
 
     Masks are binary `grid`^d cells kept with probability `p_keep`, upsampled linearly and shifted by a
-    random sub-cell offset (the paper's construction); the same masks serve every image of the batch.
+    random sub-cell offset on each axis (the paper's construction); the same masks serve every image.
 
     Args:
         n_masks: number of masks (the paper uses 4,000-8,000 for ResNet-50; fewer is noisier).
         grid: cells per axis of the low-resolution mask.
         p_keep: probability that a cell is kept.
         batch_size: most masked images per forward pass (None: one mask for the whole batch per pass).
-        seed: the masks come from a generator seeded with it.
+        seed: fixes the masks. All cells and shifts are drawn up front from a CPU generator seeded with it,
+            so the map does not depend on `batch_size`, on the other images of the batch or on the device.
 
     Returns:
         [B, *spatial], >= 0, in units of probability / p_keep.
     """
     b, _c, *spatial = x.shape
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    d = len(spatial)
     cell = [-(-s // grid) for s in spatial]  # ceil(s / grid)
     up = tuple((grid + 1) * c for c in cell)
+    # every mask's cells and shift are drawn up front on the CPU: the masks depend on the seed only
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    keep = torch.rand((n_masks, 1) + (grid,) * d, generator=gen) < p_keep  # (N, 1, grid, ..)
+    shifts = (torch.rand((n_masks, d), generator=gen, dtype=torch.float64) * torch.tensor(cell)).long()
+    shifts = torch.minimum(shifts, torch.tensor(cell) - 1).tolist()  # (N, d), shift i in [0, cell_i)
     total = torch.zeros((b, *spatial), dtype=x.dtype, device=x.device)
     k = per_pass(batch_size, b)
     with eval_mode(model), torch.inference_mode():
         for lo, hi in chunks(n_masks, k):
             n = hi - lo
-            cells = (torch.rand((n, 1) + (grid,) * len(spatial), generator=gen) < p_keep).to(x.dtype)
-            big = resize(cells.to(x.device), up)
-            shifts = torch.randint(0, min(cell) if min(cell) > 0 else 1, (n, len(spatial)), generator=gen)
+            big = resize(keep[lo:hi].to(x.device, x.dtype), up)  # (n, 1, *up)
             masks = torch.stack([
-                big[(i, 0) + tuple(slice(int(o), int(o) + s) for o, s in zip(shifts[i], spatial, strict=True))]
+                big[(i, 0) + tuple(slice(o, o + s) for o, s in zip(shifts[lo + i], spatial, strict=True))]
                 for i in range(n)
             ])  # (n, *spatial)
             masked = (x.unsqueeze(0) * masks.view(n, 1, 1, *spatial)).flatten(0, 1)

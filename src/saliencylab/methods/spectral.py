@@ -28,12 +28,13 @@ def spectral_residual(model: nn.Module | None, x: torch.Tensor, target: torch.Te
         sigma: Gaussian smoothing of the saliency at working resolution, in pixels.
 
     Returns:
-        [B, *spatial], >= 0.
+        [B, *spatial], >= 0, in x's dtype (computed in float64 for float64 input, else in float32).
     """
     _b, _c, *spatial = x.shape
     factor = scale / max(spatial)
     small_size = tuple(max(4, round(s * factor)) for s in spatial)
-    img = resize(x.detach().mean(dim=1, keepdim=True).float(), small_size)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32  # keep float64; lift half precision
+    img = resize(x.detach().mean(dim=1, keepdim=True).to(work), small_size)
     dims = tuple(range(2, img.ndim))
     spectrum = torch.fft.fftn(img, dim=dims)
     log_amp = torch.log(spectrum.abs().clamp(min=1e-8))
