@@ -6,7 +6,8 @@ method's paper does.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,10 +21,13 @@ from saliencylab.methods._common import (
     per_pass,
     target_score,
 )
+from saliencylab.methods.options import Count, NonNegative, PassSize
 from saliencylab.methods.registry import register_method
 from saliencylab.ops import gaussian_blur
 
 Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
+Baseline = Literal["black", "blur"] | float | torch.Tensor
+"""'black' (zeros), 'blur', a constant, or a tensor broadcastable to x: see `make_baseline`."""
 
 
 @register_method("vanilla", family="gradient",
@@ -52,8 +56,8 @@ def gradient_x_input(model: nn.Module, x: torch.Tensor, target: torch.Tensor) ->
 
 @register_method("smoothgrad", family="gradient",
                  paper="Smilkov et al. 2017, https://arxiv.org/abs/1706.03825")
-def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: int = 16,
-               noise_level: float = 0.15, batch_size: int | None = None, seed: int = 0) -> torch.Tensor:
+def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: Count = 16,
+               noise_level: NonNegative = 0.15, batch_size: PassSize = None, seed: int = 0) -> torch.Tensor:
     """Mean absolute gradient over noisy copies, then the channel maximum, as for the vanilla gradient.
 
     Args:
@@ -108,7 +112,7 @@ def ig_alphas(n_steps: int, rule: Rule = "gausslegendre") -> tuple[torch.Tensor,
     return torch.as_tensor(alphas, dtype=torch.float64), torch.as_tensor(weights, dtype=torch.float64)
 
 
-def make_baseline(x: torch.Tensor, baseline: str | float | torch.Tensor = "black", *,
+def make_baseline(x: torch.Tensor, baseline: Baseline = "black", *,
                   blur_sigma: float = 0.05) -> torch.Tensor:
     """An IG / occlusion reference image shaped like x.
 
@@ -128,11 +132,17 @@ def make_baseline(x: torch.Tensor, baseline: str | float | torch.Tensor = "black
     raise ValueError(f"unknown baseline {baseline!r}; use black, blur, a number or a tensor")
 
 
+def _ig_consistency(options: Mapping[str, Any]) -> str | None:
+    if options["rule"] == "riemann_trapezoid" and options["n_steps"] < 2:
+        return f"rule=riemann_trapezoid needs n_steps >= 2 (got {options['n_steps']})"
+    return None
+
+
 @register_method("integrated_gradients", family="gradient",
-                 paper="Sundararajan, Taly & Yan 2017, https://arxiv.org/abs/1703.01365")
+                 paper="Sundararajan, Taly & Yan 2017, https://arxiv.org/abs/1703.01365", consistency=_ig_consistency)
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
-                         baseline: str | float | torch.Tensor = "black", n_steps: int = 32,
-                         rule: Rule = "gausslegendre", batch_size: int | None = None) -> torch.Tensor:
+                         baseline: Baseline = "black", n_steps: Count = 32,
+                         rule: Rule = "gausslegendre", batch_size: PassSize = None) -> torch.Tensor:
     """(x - x0) times the path integral of the gradient from baseline x0 to x, summed over channels.
 
     Args:
@@ -162,7 +172,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
 
 
 def completeness_error(model: nn.Module, x: torch.Tensor, target: torch.Tensor, attribution: torch.Tensor,
-                       baseline: str | float | torch.Tensor = "black") -> torch.Tensor:
+                       baseline: Baseline = "black") -> torch.Tensor:
     """IG's completeness gap per image: sum(attribution) - (f(x) - f(x0)), in logit units. Shape [B]."""
     x0 = make_baseline(x, baseline)
     with eval_mode(model), torch.no_grad():

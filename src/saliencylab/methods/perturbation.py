@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from saliencylab.methods._common import chunks, eval_mode, fast_layout, per_pass, target_probability, target_score
-from saliencylab.methods.gradient import make_baseline
+from saliencylab.methods.gradient import Baseline, make_baseline
+from saliencylab.methods.options import Count, PassSize, Range
 from saliencylab.methods.registry import register_method
 from saliencylab.ops import resize
 
@@ -22,9 +24,9 @@ def _per_axis(value: int | tuple[int, ...], n: int, what: str) -> tuple[int, ...
 
 @register_method("occlusion", family="perturbation",
                  paper="Zeiler & Fergus 2014, https://arxiv.org/abs/1311.2901")
-def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window: int | tuple[int, ...] = 32,
-              stride: int | tuple[int, ...] = 16, baseline: str | float | torch.Tensor = 0.0,
-              batch_size: int | None = None) -> torch.Tensor:
+def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window: Count | tuple[Count, ...] = 32,
+              stride: Count | tuple[Count, ...] = 16, baseline: Baseline = 0.0,
+              batch_size: PassSize = None) -> torch.Tensor:
     """Drop in the target score when a window (all channels) is replaced by the baseline, averaged per pixel.
 
     Windows slide over every spatial axis; a pixel's value is the mean drop over the windows that cover it
@@ -69,8 +71,9 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
 
 @register_method("rise", family="perturbation", paper="Petsiuk, Das & Saenko 2018, https://arxiv.org/abs/1806.07421",
                  display="minmax")
-def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: int = 1000, grid: int = 7,
-         p_keep: float = 0.5, batch_size: int | None = None, seed: int = 0) -> torch.Tensor:
+def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Count = 1000, grid: Count = 7,
+         p_keep: Annotated[float, Range(0, 1, min_open=True)] = 0.5, batch_size: PassSize = None,
+         seed: int = 0) -> torch.Tensor:
     """Randomised input sampling: the mask-weighted mean of the target probability over random soft masks.
 
     Masks are binary `grid`^d cells kept with probability `p_keep`, upsampled linearly and shifted by a
