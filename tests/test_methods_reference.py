@@ -44,6 +44,7 @@ def _case(request, name):
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor, rtol: float = RTOL) -> None:
+    ref = ref.detach()
     assert ours.dtype == torch.float64 and float(ref.abs().max()) > 0
     torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=rtol, atol=rtol * float(ref.abs().max()))
 
@@ -74,7 +75,7 @@ def test_gradient_x_input_matches_captum(request, case):
 def test_integrated_gradients_matches_captum(request, case, rule, captum_rule):
     model, x, _ = _case(request, case)
     t = resolve_target(model, x)
-    n = 16
+    n = 8
     # a black image ties every max-pool window of ResNet-18, where the two layouts' kernels route the gradient
     # to different (equally valid) pixels; a faint noise baseline has no ties
     noise = 0.05 * torch.rand(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -92,7 +93,7 @@ def test_integrated_gradients_matches_captum(request, case, rule, captum_rule):
 def test_occlusion_matches_captum(request, case):
     model, x, _ = _case(request, case)
     t = resolve_target(model, x)
-    w, s = (4, 2) if case == "tiny" else (16, 8)
+    w, s = (4, 2) if case == "tiny" else (16, 12)  # overlapping windows
     c = x.shape[1]
     ref = captum_attr.Occlusion(model).attribute(x, sliding_window_shapes=(c, w, w), strides=(c, s, s),
                                                   baselines=0.0, target=t, perturbations_per_eval=16)
