@@ -27,6 +27,9 @@ def layer_activation_and_gradient(model: nn.Module, x: torch.Tensor, target: tor
                 raise UserError(f"the CAM layer '{name}' does not run in the forward pass; name another layer")
             (grads,) = torch.autograd.grad(score, store["out"], allow_unused=True)
     acts = store["out"].detach()
+    if acts.ndim != x.ndim:
+        raise UserError(f"the CAM layer '{name}' outputs shape {tuple(acts.shape)}, not [B, C, *spatial] like the "
+                        f"input {tuple(x.shape)}; name a convolutional layer")
     return acts, torch.zeros_like(acts) if grads is None else grads  # unused: the score does not depend on it
 
 

@@ -51,7 +51,7 @@ def gradient_x_input(model: nn.Module, x: torch.Tensor, target: torch.Tensor) ->
         [B, *spatial].
     """
     with eval_mode(model):
-        return (input_gradient(model, x, target) * x).sum(dim=1)
+        return (input_gradient(model, x, target) * x.detach()).sum(dim=1)
 
 
 @register_method("smoothgrad", family="gradient",
@@ -122,7 +122,13 @@ def make_baseline(x: torch.Tensor, baseline: Baseline = "black", *,
             (a constant image), or a tensor broadcastable to x.
     """
     if isinstance(baseline, torch.Tensor):
-        return baseline.to(x).expand_as(x)
+        try:
+            return baseline.detach().to(x).expand_as(x)
+        except RuntimeError:
+            from saliencylab.methods.options import OptionError
+
+            raise OptionError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to the input's "
+                              f"{tuple(x.shape)}; pass a tensor of the input's shape") from None
     if baseline == "black":
         return torch.zeros_like(x)
     if baseline == "blur":

@@ -10,7 +10,7 @@ from torch import nn
 
 from saliencylab.methods._common import chunks, eval_mode, fast_layout, per_pass, target_probability, target_score
 from saliencylab.methods.gradient import Baseline, make_baseline
-from saliencylab.methods.options import Count, PassSize, Range
+from saliencylab.methods.options import Count, OptionError, PassSize, Range
 from saliencylab.methods.registry import register_method
 from saliencylab.ops import resize
 
@@ -18,7 +18,7 @@ from saliencylab.ops import resize
 def _per_axis(value: int | tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
     out = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
     if len(out) != n or min(out) < 1:
-        raise ValueError(f"{what} must be a positive int or one per spatial axis ({n}); got {value!r}")
+        raise OptionError(f"occlusion {what}={value!r}: give one integer >= 1, or one per spatial axis ({n})")
     return out
 
 
@@ -46,7 +46,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
     win = _per_axis(window, len(spatial), "window")
     step = _per_axis(stride, len(spatial), "stride")
     if any(w > s for w, s in zip(win, spatial, strict=True)):
-        raise ValueError(f"window {win} is larger than the input {tuple(spatial)}")
+        raise OptionError(f"occlusion window={window!r} is larger than the input {tuple(spatial)}; "
+                          f"pass a smaller window (e.g. --set occlusion.window={max(1, min(spatial) // 4)})")
     starts = [range(0, s - w + 1, st) for s, w, st in zip(spatial, win, step, strict=True)]
     positions = list(itertools.product(*starts))
     fill = make_baseline(x, baseline)
