@@ -150,3 +150,13 @@ def test_spectral_residual_keeps_float64():
     sal = np.abs(np.fft.ifft2(np.exp(residual + 1j * np.angle(spec)), axes=(2, 3))) ** 2
     ref = resize(gaussian_blur(torch.from_numpy(sal), 2.0), (48, 40))[:, 0]
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(METHODS))
+def test_same_map_on_cpu_and_cuda(name, x64):
+    """Issue 10: one seed, the same map on every device (float64 on both: no TF32, rounding only)."""
+    cpu = _run(name, TinyCNN(act=nn.Softplus).double().eval(), x64, TARGET)
+    gpu = _run(name, TinyCNN(act=nn.Softplus).double().eval().cuda(), x64.cuda(), TARGET.cuda())
+    assert gpu.device.type == "cuda"
+    _close(gpu.cpu(), cpu, 1e-9)
