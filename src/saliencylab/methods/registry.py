@@ -96,7 +96,10 @@ def _plain(value: Any) -> Any:
 @functools.cache
 def _option_types(fn: Method) -> dict[str, Any]:
     raw = inspect.unwrap(fn)
-    hints = typing.get_type_hints(raw, include_extras=True)
+    try:
+        hints = typing.get_type_hints(raw, include_extras=True)
+    except Exception:  # an annotation that cannot be evaluated at run time: leave those options unchecked
+        hints = {}
     sig = inspect.signature(raw)
     return {n: hints.get(n, Any) for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
