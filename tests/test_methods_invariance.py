@@ -15,7 +15,9 @@ from saliencylab.methods import METHODS
 # options that keep sampling methods fast (and windows that fit 13 px)
 FAST = {"smoothgrad": {"n_samples": 5}, "integrated_gradients": {"n_steps": 5},
         "occlusion": {"window": 6, "stride": 5}, "rise": {"n_masks": 12, "grid": 3}}
-SEEDED = [n for n, s in METHODS.items() if "seed" in s.options()]
+# methods that need a vision transformer (family 'attention') are tested on one elsewhere
+ON_CNN = [n for n, s in METHODS.items() if s.family != "attention"]
+SEEDED = [n for n in ON_CNN if "seed" in METHODS[n].options()]
 TARGET = torch.tensor([0, 2, 1])
 
 
@@ -41,7 +43,7 @@ def x64() -> torch.Tensor:
     return torch.rand(3, 3, 15, 13, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", [n for n, s in METHODS.items() if "batch_size" in s.options()])
+@pytest.mark.parametrize("name", [n for n in ON_CNN if "batch_size" in METHODS[n].options()])
 def test_map_does_not_depend_on_pass_size(name, model64, x64):
     ref = _run(name, model64, x64, TARGET)
     assert ref.abs().max() > 0
@@ -49,7 +51,7 @@ def test_map_does_not_depend_on_pass_size(name, model64, x64):
         _close(_run(name, model64, x64, TARGET, batch_size=batch_size), ref, 1e-10)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", ON_CNN)
 def test_map_of_an_image_does_not_depend_on_the_other_images(name, model64, x64):
     together = _run(name, model64, x64, TARGET)
     order = [2, 0, 1]
@@ -61,7 +63,7 @@ def test_map_of_an_image_does_not_depend_on_the_other_images(name, model64, x64)
         _close(shuffled[order.index(i)][None], alone, 1e-10)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", ON_CNN)
 def test_float32_and_float64_inputs_give_the_same_map(name, x64):
     """The CPU stand-in for 'the same map on every device': the two code paths must make the same random
     draws, so their maps differ by float32 rounding only (a different draw differs by O(1))."""
@@ -113,7 +115,7 @@ class BNNet(nn.Module):
         return self.fc(self.act2(self.conv2(h)).mean((2, 3)))
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", ON_CNN)
 def test_train_mode_model_with_frozen_batchnorm(name, x64):
     """Fine-tuning setups keep BatchNorm frozen (eval) inside a model in train mode. Every method computes in
     eval mode (no dropout, running stats) and hands back every submodule's own mode and every buffer."""
@@ -153,7 +155,7 @@ def test_spectral_residual_keeps_float64():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", ON_CNN)
 def test_same_map_on_cpu_and_cuda(name, x64):
     """Issue 10: one seed, the same map on every device (float64 on both: no TF32, rounding only)."""
     cpu = _run(name, TinyCNN(act=nn.Softplus).double().eval(), x64, TARGET)
