@@ -59,45 +59,11 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _coerce(value: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise UserError(f"'{value}' is not a boolean; use true or false")
-        return value.lower() in ("true", "1", "yes")
-    for kind in (int, float):
-        if isinstance(default, kind):
-            try:
-                return kind(value)
-            except ValueError:
-                raise UserError(f"'{value}' is not a number") from None
-    if default is None or isinstance(default, (str, tuple)):
-        for kind in (int, float):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-    return value
-
-
 def parse_method_options(pairs: list[str], methods: list[Any], batch_size: int | None) -> dict[str, dict[str, Any]]:
-    """['smoothgrad.n_samples=32', ...] -> {'smoothgrad': {'n_samples': 32}}, checked against the signatures."""
-    opts: dict[str, dict[str, Any]] = {m.name: {} for m in methods}
-    by_name = {m.name: m for m in methods}
-    for spec in methods:
-        if batch_size is not None and "batch_size" in spec.options():
-            opts[spec.name]["batch_size"] = batch_size
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        method, dot, option = key.partition(".")
-        if not sep or not dot:
-            raise UserError(f"--set '{pair}': write METHOD.OPTION=VALUE, e.g. --set smoothgrad.n_samples=32")
-        if method not in by_name:
-            raise UserError(f"--set '{pair}': method '{method}' is not among --methods ({', '.join(by_name)})")
-        known = by_name[method].options()
-        if option not in known:
-            raise UserError(f"--set '{pair}': {method} has no option '{option}'; it has {', '.join(known) or 'none'}")
-        opts[method][option] = _coerce(value, known[option])
-    return opts
+    """Kept for callers of the old name; see `saliencylab.methods.registry.parse_method_options`."""
+    from saliencylab.methods.registry import parse_method_options as parse
+
+    return parse(pairs, methods, batch_size)
 
 
 @app.command(epilog="Examples:  saliencylab classify  ·  saliencylab classify photos/ --top-k 3 --json top.json  ·  "
@@ -497,12 +463,13 @@ def list_methods(as_json: bool = typer.Option(False, "--json", help="machine-rea
 
     if as_json:
         typer.echo(json.dumps({n: {"family": s.family, "paper": s.paper, "options": {
-            k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in s.options().items()}}
+            k: d["default"] for k, d in s.describe_options().items()}, "option_types": s.describe_options()}
             for n, s in METHODS.items()}, indent=2))
         return
     for name, spec in METHODS.items():
-        opts = ", ".join(f"{k}={v!r}" for k, v in spec.options().items()) or "-"
-        typer.echo(f"{name:<22} {spec.family:<13} {spec.paper}\n{'':<22} options: {opts}")
+        typer.echo(f"{name:<22} {spec.family:<13} {spec.paper}")
+        for k, d in spec.describe_options().items():
+            typer.echo(f"    {k + '=' + repr(d['default']):<26} {d['expects']}")
 
 
 @app.command("models")

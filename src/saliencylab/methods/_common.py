@@ -74,6 +74,17 @@ def per_pass(batch_size: int | None, images: int) -> int:
     return max(1, int(batch_size) // max(1, images))
 
 
+def normal_draws(seed: int, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    """Standard normal float32 tensors of `shape`, one per `next`, from a CPU generator seeded with `seed`.
+
+    One draw per call, so the k-th tensor is the same however a caller groups the draws into passes, and
+    the same on every device (move it there). Draw in sample order.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    while True:
+        yield torch.randn(shape, generator=gen, dtype=torch.float32)
+
+
 def spatial_dims(x: torch.Tensor) -> tuple[int, ...]:
     """The spatial axes of x[B, C, *spatial]."""
     return tuple(range(2, x.ndim))
@@ -93,24 +104,35 @@ def layer_by_name(model: nn.Module, name: str) -> nn.Module:
 
 
 @contextlib.contextmanager
-def capture_output(layer: nn.Module, *, cut: bool = False) -> Iterator[dict[str, Any]]:
+def capture_output(layer: nn.Module, *, cut: bool = False, name: str = "") -> Iterator[dict[str, Any]]:
     """Record the layer's forward output in the yielded dict under 'out'; the hook is removed on exit.
 
     Args:
-        cut: hand the rest of the network a detached copy that requires grad, so that a gradient
-            w.r.t. the layer's output stops there (CAM methods need nothing below the layer).
+        cut: record a detached copy that requires grad (a leaf), so that a gradient w.r.t. the layer's
+            output stops there (CAM methods need nothing below the layer). The rest of the network gets a
+            clone of that leaf, not the leaf itself: its in-place operations (`F.relu(..., inplace=True)`,
+            `out += identity`) act on the clone, and the recorded output stays the layer's true output
+            (copied, so that not even a parent holding an alias of it can change it).
+        name: the layer's name, for error messages.
     """
+    from saliencylab.errors import UserError
+
     store: dict[str, Any] = {}
+    label = f"the CAM layer '{name}'" if name else "the CAM layer"
 
     def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
         if "out" in store:
-            raise RuntimeError("the CAM layer runs more than once per forward pass; pick another layer")
+            raise UserError(f"{label} runs more than once per forward pass; name another layer "
+                            "(e.g. --set gradcam.layer=NAME)")
         if not isinstance(out, torch.Tensor):
-            raise RuntimeError(f"the CAM layer returns {type(out).__name__}, not a tensor; pick another layer")
-        if cut:
-            out = out.detach().requires_grad_(True)
-        store["out"] = out
-        return out
+            raise UserError(f"{label} returns a {type(out).__name__}, not a tensor; name another layer "
+                            "(e.g. --set gradcam.layer=NAME)")
+        if not cut:
+            store["out"] = out
+            return out
+        leaf = out.detach().clone().requires_grad_(True)
+        store["out"] = leaf
+        return leaf.clone()  # a non-leaf: in-place ops downstream must not touch the leaf
 
     handle = layer.register_forward_hook(hook)
     try:

@@ -21,13 +21,21 @@ def layer_activation_and_gradient(model: nn.Module, x: torch.Tensor, target: tor
     """
     if getattr(model, "cam_unavailable", None):
         raise UserError(model.cam_unavailable)
-    name = layer or getattr(model, "cam_layer", None) or find_cam_layer(model, x)
-    module = layer_by_name(model, name)
-    with eval_mode(model), capture_output(module, cut=True) as store, torch.enable_grad():
-        score = target_score(model(fast_layout(x.detach())), target).sum()
-        (grads,) = torch.autograd.grad(score, store["out"])
+    with eval_mode(model):  # the layer search runs a forward pass too: every submodule's mode comes back
+        name = layer or getattr(model, "cam_layer", None) or find_cam_layer(model, x)
+        module = layer_by_name(model, name)
+        with capture_output(module, cut=True, name=name) as store, torch.enable_grad():
+            score = target_score(model(fast_layout(x.detach())), target).sum()
+            if "out" not in store:
+                raise UserError(f"the CAM layer '{name}' does not run in the forward pass; name another layer")
+            (grads,) = torch.autograd.grad(score, store["out"], allow_unused=True)
     layout = getattr(model, "cam_layout", None) or CamLayout()
-    return layout.to_nchw(store["out"].detach()), layout.to_nchw(grads)
+    acts = layout.to_nchw(store["out"].detach())
+    if acts.ndim != x.ndim:
+        raise UserError(f"the CAM layer '{name}' outputs shape {tuple(acts.shape)}, not [B, C, *spatial] like the "
+                        f"input {tuple(x.shape)}; name a convolutional layer")
+    grads = torch.zeros_like(acts) if grads is None else layout.to_nchw(grads)  # None: the score ignores it
+    return acts, grads
 
 
 @register_method("gradcam", family="cam", paper="Selvaraju et al. 2017, https://arxiv.org/abs/1610.02391")

@@ -6,7 +6,8 @@ method's paper does.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,13 +17,17 @@ from saliencylab.methods._common import (
     chunks,
     eval_mode,
     input_gradient,
+    normal_draws,
     per_pass,
     target_score,
 )
+from saliencylab.methods.options import Count, NonNegative, PassSize
 from saliencylab.methods.registry import register_method
 from saliencylab.ops import gaussian_blur
 
 Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
+Baseline = Literal["black", "blur"] | float | torch.Tensor
+"""'black' (zeros), 'blur', a constant, or a tensor broadcastable to x: see `make_baseline`."""
 
 
 @register_method("vanilla", family="gradient",
@@ -46,20 +51,22 @@ def gradient_x_input(model: nn.Module, x: torch.Tensor, target: torch.Tensor) ->
         [B, *spatial].
     """
     with eval_mode(model):
-        return (input_gradient(model, x, target) * x).sum(dim=1)
+        return (input_gradient(model, x, target) * x.detach()).sum(dim=1)
 
 
 @register_method("smoothgrad", family="gradient",
                  paper="Smilkov et al. 2017, https://arxiv.org/abs/1706.03825")
-def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: int = 16,
-               noise_level: float = 0.15, batch_size: int | None = None, seed: int = 0) -> torch.Tensor:
+def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: Count = 16,
+               noise_level: NonNegative = 0.15, batch_size: PassSize = None, seed: int = 0) -> torch.Tensor:
     """Mean absolute gradient over noisy copies, then the channel maximum, as for the vanilla gradient.
 
     Args:
         n_samples: noisy copies per image.
         noise_level: noise std as a fraction of each image's value range (max - min); the paper's 10-20%.
         batch_size: most samples per forward pass (None: one noisy copy of the batch per pass).
-        seed: the noise is drawn from a generator seeded with it.
+        seed: fixes the noise. Noise sample s is the s-th draw of a CPU generator seeded with it (the same
+            for every image, scaled by each image's range), moved to x's device: the map does not depend on
+            `batch_size`, on the other images of the batch, on x's dtype (draws are float32) or on the device.
 
     Returns:
         [B, *spatial], >= 0. With one sample and zero noise it equals `vanilla`.
@@ -67,14 +74,14 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
     b = x.shape[0]
     dims = tuple(range(1, x.ndim))
     sigma = noise_level * (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    draws = normal_draws(seed, tuple(x.shape[1:]))
     total = torch.zeros_like(x)
     k = per_pass(batch_size, b)
     with eval_mode(model):
         for start, stop in chunks(n_samples, k):
             n = stop - start
-            noise = torch.randn((n, *x.shape), generator=gen, device=x.device, dtype=x.dtype)
-            noisy = (x.detach().unsqueeze(0) + sigma.unsqueeze(0) * noise).reshape(n * b, *x.shape[1:])
+            noise = torch.stack([next(draws) for _ in range(n)]).to(x.device, x.dtype)  # (n, C, *spatial)
+            noisy = (x.detach().unsqueeze(0) + sigma.unsqueeze(0) * noise.unsqueeze(1)).reshape(n * b, *x.shape[1:])
             grad = input_gradient(model, noisy, target.repeat(n))
             total += grad.abs().reshape(n, *x.shape).sum(0)
     return (total / n_samples).amax(dim=1)
@@ -105,7 +112,7 @@ def ig_alphas(n_steps: int, rule: Rule = "gausslegendre") -> tuple[torch.Tensor,
     return torch.as_tensor(alphas, dtype=torch.float64), torch.as_tensor(weights, dtype=torch.float64)
 
 
-def make_baseline(x: torch.Tensor, baseline: str | float | torch.Tensor = "black", *,
+def make_baseline(x: torch.Tensor, baseline: Baseline = "black", *,
                   blur_sigma: float = 0.05) -> torch.Tensor:
     """An IG / occlusion reference image shaped like x.
 
@@ -115,7 +122,13 @@ def make_baseline(x: torch.Tensor, baseline: str | float | torch.Tensor = "black
             (a constant image), or a tensor broadcastable to x.
     """
     if isinstance(baseline, torch.Tensor):
-        return baseline.to(x).expand_as(x)
+        try:
+            return baseline.detach().to(x).expand_as(x)
+        except RuntimeError:
+            from saliencylab.methods.options import OptionError
+
+            raise OptionError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to the input's "
+                              f"{tuple(x.shape)}; pass a tensor of the input's shape") from None
     if baseline == "black":
         return torch.zeros_like(x)
     if baseline == "blur":
@@ -125,11 +138,17 @@ def make_baseline(x: torch.Tensor, baseline: str | float | torch.Tensor = "black
     raise ValueError(f"unknown baseline {baseline!r}; use black, blur, a number or a tensor")
 
 
+def _ig_consistency(options: Mapping[str, Any]) -> str | None:
+    if options["rule"] == "riemann_trapezoid" and options["n_steps"] < 2:
+        return f"rule=riemann_trapezoid needs n_steps >= 2 (got {options['n_steps']})"
+    return None
+
+
 @register_method("integrated_gradients", family="gradient",
-                 paper="Sundararajan, Taly & Yan 2017, https://arxiv.org/abs/1703.01365")
+                 paper="Sundararajan, Taly & Yan 2017, https://arxiv.org/abs/1703.01365", consistency=_ig_consistency)
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
-                         baseline: str | float | torch.Tensor = "black", n_steps: int = 32,
-                         rule: Rule = "gausslegendre", batch_size: int | None = None) -> torch.Tensor:
+                         baseline: Baseline = "black", n_steps: Count = 32,
+                         rule: Rule = "gausslegendre", batch_size: PassSize = None) -> torch.Tensor:
     """(x - x0) times the path integral of the gradient from baseline x0 to x, summed over channels.
 
     Args:
@@ -159,7 +178,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
 
 
 def completeness_error(model: nn.Module, x: torch.Tensor, target: torch.Tensor, attribution: torch.Tensor,
-                       baseline: str | float | torch.Tensor = "black") -> torch.Tensor:
+                       baseline: Baseline = "black") -> torch.Tensor:
     """IG's completeness gap per image: sum(attribution) - (f(x) - f(x0)), in logit units. Shape [B]."""
     x0 = make_baseline(x, baseline)
     with eval_mode(model), torch.no_grad():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from saliencylab.methods._common import chunks, eval_mode, fast_layout, per_pass, target_probability, target_score
-from saliencylab.methods.gradient import make_baseline
+from saliencylab.methods.gradient import Baseline, make_baseline
+from saliencylab.methods.options import Count, OptionError, PassSize, Range
 from saliencylab.methods.registry import register_method
 from saliencylab.ops import resize
 
@@ -16,15 +18,15 @@ from saliencylab.ops import resize
 def _per_axis(value: int | tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
     out = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
     if len(out) != n or min(out) < 1:
-        raise ValueError(f"{what} must be a positive int or one per spatial axis ({n}); got {value!r}")
+        raise OptionError(f"occlusion {what}={value!r}: give one integer >= 1, or one per spatial axis ({n})")
     return out
 
 
 @register_method("occlusion", family="perturbation",
                  paper="Zeiler & Fergus 2014, https://arxiv.org/abs/1311.2901")
-def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window: int | tuple[int, ...] = 32,
-              stride: int | tuple[int, ...] = 16, baseline: str | float | torch.Tensor = 0.0,
-              batch_size: int | None = None) -> torch.Tensor:
+def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window: Count | tuple[Count, ...] = 32,
+              stride: Count | tuple[Count, ...] = 16, baseline: Baseline = 0.0,
+              batch_size: PassSize = None) -> torch.Tensor:
     """Drop in the target score when a window (all channels) is replaced by the baseline, averaged per pixel.
 
     Windows slide over every spatial axis; a pixel's value is the mean drop over the windows that cover it
@@ -44,7 +46,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
     win = _per_axis(window, len(spatial), "window")
     step = _per_axis(stride, len(spatial), "stride")
     if any(w > s for w, s in zip(win, spatial, strict=True)):
-        raise ValueError(f"window {win} is larger than the input {tuple(spatial)}")
+        raise OptionError(f"occlusion window={window!r} is larger than the input {tuple(spatial)}; "
+                          f"pass a smaller window (e.g. --set occlusion.window={max(1, min(spatial) // 4)})")
     starts = [range(0, s - w + 1, st) for s, w, st in zip(spatial, win, step, strict=True)]
     positions = list(itertools.product(*starts))
     fill = make_baseline(x, baseline)
@@ -69,37 +72,42 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
 
 @register_method("rise", family="perturbation", paper="Petsiuk, Das & Saenko 2018, https://arxiv.org/abs/1806.07421",
                  display="minmax")
-def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: int = 1000, grid: int = 7,
-         p_keep: float = 0.5, batch_size: int | None = None, seed: int = 0) -> torch.Tensor:
+def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Count = 1000, grid: Count = 7,
+         p_keep: Annotated[float, Range(0, 1, min_open=True)] = 0.5, batch_size: PassSize = None,
+         seed: int = 0) -> torch.Tensor:
     """Randomised input sampling: the mask-weighted mean of the target probability over random soft masks.
 
     Masks are binary `grid`^d cells kept with probability `p_keep`, upsampled linearly and shifted by a
-    random sub-cell offset (the paper's construction); the same masks serve every image of the batch.
+    random sub-cell offset on each axis (the paper's construction); the same masks serve every image.
 
     Args:
         n_masks: number of masks (the paper uses 4,000-8,000 for ResNet-50; fewer is noisier).
         grid: cells per axis of the low-resolution mask.
         p_keep: probability that a cell is kept.
         batch_size: most masked images per forward pass (None: one mask for the whole batch per pass).
-        seed: the masks come from a generator seeded with it.
+        seed: fixes the masks. All cells and shifts are drawn up front from a CPU generator seeded with it,
+            so the map does not depend on `batch_size`, on the other images of the batch or on the device.
 
     Returns:
         [B, *spatial], >= 0, in units of probability / p_keep.
     """
     b, _c, *spatial = x.shape
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    d = len(spatial)
     cell = [-(-s // grid) for s in spatial]  # ceil(s / grid)
     up = tuple((grid + 1) * c for c in cell)
+    # every mask's cells and shift are drawn up front on the CPU: the masks depend on the seed only
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    keep = torch.rand((n_masks, 1) + (grid,) * d, generator=gen) < p_keep  # (N, 1, grid, ..)
+    shifts = (torch.rand((n_masks, d), generator=gen, dtype=torch.float64) * torch.tensor(cell)).long()
+    shifts = torch.minimum(shifts, torch.tensor(cell) - 1).tolist()  # (N, d), shift i in [0, cell_i)
     total = torch.zeros((b, *spatial), dtype=x.dtype, device=x.device)
     k = per_pass(batch_size, b)
     with eval_mode(model), torch.inference_mode():
         for lo, hi in chunks(n_masks, k):
             n = hi - lo
-            cells = (torch.rand((n, 1) + (grid,) * len(spatial), generator=gen) < p_keep).to(x.dtype)
-            big = resize(cells.to(x.device), up)
-            shifts = torch.randint(0, min(cell) if min(cell) > 0 else 1, (n, len(spatial)), generator=gen)
+            big = resize(keep[lo:hi].to(x.device, x.dtype), up)  # (n, 1, *up)
             masks = torch.stack([
-                big[(i, 0) + tuple(slice(int(o), int(o) + s) for o, s in zip(shifts[i], spatial, strict=True))]
+                big[(i, 0) + tuple(slice(o, o + s) for o, s in zip(shifts[lo + i], spatial, strict=True))]
                 for i in range(n)
             ])  # (n, *spatial)
             masked = (x.unsqueeze(0) * masks.view(n, 1, 1, *spatial)).flatten(0, 1)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saliencylab.methods.options import Count, NonNegative, Odd, Range
 from saliencylab.methods.registry import register_method
 from saliencylab.ops import gaussian_blur, resize
 
@@ -15,7 +18,8 @@ _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 @register_method("spectral_residual", family="model-free",
                  paper="Hou & Zhang 2007, https://doi.org/10.1109/CVPR.2007.383267", uses_model=False)
 def spectral_residual(model: nn.Module | None, x: torch.Tensor, target: torch.Tensor | None = None, *,
-                      scale: int = 64, avg_size: int = 3, sigma: float = 3.0) -> torch.Tensor:
+                      scale: Count = 64, avg_size: Annotated[int, Range(min=1), Odd()] = 3,
+                      sigma: NonNegative = 3.0) -> torch.Tensor:
     """Visual saliency from the log-amplitude spectrum minus its local average; ignores model and target.
 
     The image (channel mean) is resized so its larger side is `scale` pixels (the paper's 64), then
@@ -24,16 +28,17 @@ def spectral_residual(model: nn.Module | None, x: torch.Tensor, target: torch.Te
 
     Args:
         scale: working resolution of the larger side.
-        avg_size: side of the local-average filter on the log spectrum (the paper's 3).
+        avg_size: side of the local-average filter on the log spectrum (the paper's 3), odd.
         sigma: Gaussian smoothing of the saliency at working resolution, in pixels.
 
     Returns:
-        [B, *spatial], >= 0.
+        [B, *spatial], >= 0, in x's dtype (computed in float64 for float64 input, else in float32).
     """
     _b, _c, *spatial = x.shape
     factor = scale / max(spatial)
     small_size = tuple(max(4, round(s * factor)) for s in spatial)
-    img = resize(x.detach().mean(dim=1, keepdim=True).float(), small_size)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32  # keep float64; lift half precision
+    img = resize(x.detach().mean(dim=1, keepdim=True).to(work), small_size)
     dims = tuple(range(2, img.ndim))
     spectrum = torch.fft.fftn(img, dim=dims)
     log_amp = torch.log(spectrum.abs().clamp(min=1e-8))
