@@ -59,13 +59,6 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def parse_method_options(pairs: list[str], methods: list[Any], batch_size: int | None) -> dict[str, dict[str, Any]]:
-    """Kept for callers of the old name; see `saliencylab.methods.registry.parse_method_options`."""
-    from saliencylab.methods.registry import parse_method_options as parse
-
-    return parse(pairs, methods, batch_size)
-
-
 @app.command(epilog="Examples:  saliencylab classify  ·  saliencylab classify photos/ --top-k 3 --json top.json  ·  "
                     "saliencylab classify sample:coffee scan.dcm --model vgg16 --weights vgg16.pth")
 @friendly
@@ -160,6 +153,7 @@ def explain(
     from saliencylab.data import expand_inputs
     from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
+    from saliencylab.methods.registry import parse_method_options
     from saliencylab.models import load_model, preprocessing_kwargs
     from saliencylab.render.maps import NORMALISE_MODES
     from saliencylab.studies.photos import DisplaySettings

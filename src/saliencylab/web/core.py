@@ -47,10 +47,9 @@ MAX_COUNT_OPTION = 4096  # samples, steps, masks: a single request may not hold 
 def parse_options(pairs: Sequence[str], specs: Sequence[MethodSpec]) -> dict[str, dict[str, Any]]:
     """['smoothgrad.n_samples=8', ...] -> {'smoothgrad': {'n_samples': 8}}, with the CLI's own checks and messages.
 
-    The one adapter to the option parser: it lives in the CLI today and moves to the methods registry.
     Integer options are capped at MAX_COUNT_OPTION on the server.
     """
-    from saliencylab.cli import parse_method_options
+    from saliencylab.methods.registry import parse_method_options
 
     opts = parse_method_options(list(pairs), list(specs), None)
     for method, values in opts.items():
