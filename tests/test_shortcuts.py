@@ -69,7 +69,8 @@ class Template(nn.Module):
         b = np.stack([shortcuts.redraw(r, SETTINGS, position="PA") for r in rows])
         t = torch.from_numpy(a.mean(0) - b.mean(0)).double()
         self.register_buffer("t", t / t.norm())
-        sa, sb = (torch.from_numpy(a).double() * self.t).sum((1, 2)), (torch.from_numpy(b).double() * self.t).sum((1, 2))
+        sa = (torch.from_numpy(a).double() * self.t).sum((1, 2))
+        sb = (torch.from_numpy(b).double() * self.t).sum((1, 2))
         self.bias, self.scale = float((sa.mean() + sb.mean()) / 2), float(20 / (sa.mean() - sb.mean()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
