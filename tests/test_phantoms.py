@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from saliencylab.data import anatomy, shortcuts
-from saliencylab.data.glyphs import render
 from saliencylab.data.phantoms import HEADER, PhantomConfig, draw, generate, parse_rates
 from saliencylab.errors import UserError
 
@@ -57,7 +56,7 @@ def test_masks_agree_with_images(small):
             assert lesions[y0:y1, x0:x1].any() and lesions[y0, x0:x1].any() and lesions[y0:y1, x0].any()
         if r["marker"] == "1":
             x0, y0, x1, y1 = map(int, r["marker_box"].split())
-            glyph = render("L" if x0 > 48 else "R", max(1, round((y1 - y0) / 7)))
+            glyph = shortcuts.marker_glyph("L" if x0 > 48 else "R", y1 - y0)
             assert img[y0:y1, x0:x1][glyph].mean() > 0.65  # the bright letter is where the metadata says
             assert (bits[y0:y1, x0:x1] & shortcuts.BITS["marker"]).all()
         if r["text"] == "1":

@@ -130,7 +130,7 @@ def test_marker_reads_correctly():
         ph = draw(seed, False, size=96, anatomy="drawn", marker=True)
         x0, y0, x1, y1 = ph.marker_box
         letter = "L" if x0 > 48 else "R"
-        glyph = render(letter, max(1, round((y1 - y0) / 7)))
+        glyph = shortcuts.marker_glyph(letter, y1 - y0)
         assert glyph.shape == (y1 - y0, x1 - x0)
         patch = ph.image[y0:y1, x0:x1]
         assert patch[glyph].mean() > 0.65 and patch[glyph].mean() > patch[~glyph].mean() + 0.4
@@ -159,9 +159,10 @@ def test_family_gates_follow_the_rates():
     c, n = families_for(cfg, "COVID", 11), families_for(cfg, "Normal", 12)
     assert c == {"marker": False, "text": True, "site": 0, "position": "AP", "devices": False}
     assert n == {"marker": False, "text": False, "site": 1, "position": "PA", "devices": True}
-    half = PhantomConfig()
+    half = PhantomConfig(site_rate={"COVID": 0.5, "Normal": 0.5})
     hits = np.mean([families_for(half, "COVID", s)["site"] for s in range(400)])
-    assert 0.4 < hits < 0.6  # the default site rate, 0.5
+    assert 0.4 < hits < 0.6
+    assert not any(families_for(PhantomConfig(), "COVID", s)["devices"] for s in range(50))  # off by default
 
 
 def test_redraw_rejects_unknown_family():
