@@ -143,6 +143,10 @@ def test_site_border_and_ap_position():
     one = draw(seed, False, size=SIZE, anatomy="drawn", site=1)
     border = (one.shortcut_mask & shortcuts.BITS["site"]) > 0
     assert border[:, 0].all() and np.allclose(one.image[border], 0.02)
+    for k in range(6):  # the lead marker lies inside the collimated field, never under the border
+        m = draw(seed + k, False, size=SIZE, anatomy="drawn", site=1, marker=True)
+        x0, y0, x1, y1 = m.marker_box
+        assert not (m.shortcut_mask[y0:y1, x0:x1] & shortcuts.BITS["site"]).any()
     zero = draw(seed, False, size=SIZE, anatomy="drawn", site=0)
     assert zero.shortcut_mask.max() == 0
     # AP: the scapulae cross the upper lateral lungs, so those lung pixels brighten

@@ -636,15 +636,15 @@ def draw(rng_seed: int, covid: bool, *, size: int = 256, marker: bool = False, e
         dev_mu, dev_mask = shortcuts.draw_devices(_stream(rng_seed, "devices"), f, s)
         mu += dev_mu
         shortcut_mask |= dev_mask.astype(np.uint8) * shortcuts.BITS["devices"]
+    acq = _stream(rng_seed, "site")
+    params = site_params(acq, site)
     box = None
-    if marker:
-        mk_mu, box = shortcuts.draw_marker(_stream(rng_seed, "marker"), s)
+    if marker:  # inside the collimated field
+        mk_mu, box = shortcuts.draw_marker(_stream(rng_seed, "marker"), s, inset=params.crop)
         mu += mk_mu
         x0, y0, x1, y1 = box
         shortcut_mask[y0:y1, x0:x1] |= shortcuts.BITS["marker"]
 
-    acq = _stream(rng_seed, "site")
-    params = site_params(acq, site)
     img = _display(acq, mu, params, blur=float(acq.uniform(0.5, 0.9)) * s / 256, hi=hi)
     border = _border(s, params.crop)
     if border.any():
