@@ -421,6 +421,9 @@ def _soft_shadows(rng: np.random.Generator, f: _Frame, s: int) -> np.ndarray:
 
 
 CLIP_GROWTH = (1.05, 1.06, 0.012)  # width and height factors, downward shift (units of the side)
+# the findings' attenuation at lesion_scale 1: calibrated on 1,900 films at 128 px, 4 epochs of cxr_cnn, to
+# sit between scale 1 (validation loss 0.50) and 2 (0.32) where the earlier generator's default did (0.43)
+LESION_GAIN = 1.4
 
 
 def _lesion_boxes(rng: np.random.Generator, f: _Frame, real: Any, lung_box: np.ndarray | None) -> np.ndarray:
@@ -478,7 +481,7 @@ def _lesions(rng: np.random.Generator, boxes: np.ndarray, lungs: np.ndarray, ban
             continue
         density = np.clip((field - 0.04) / 0.5, 0, 1) * blob
         consolidation = rng.random() < 0.3
-        amp = (rng.uniform(0.9, 1.3) if consolidation else rng.uniform(0.45, 0.75)) * scale
+        amp = (rng.uniform(0.9, 1.3) if consolidation else rng.uniform(0.45, 0.75)) * scale * LESION_GAIN
         mu[r0:r1, c0:c1] += amp * density * (0.8 + 0.2 * _crop(rng, bank, h, w, 0))
         if consolidation:
             vis[r0:r1, c0:c1] *= 1 - 0.85 * density
