@@ -220,7 +220,7 @@ def phantoms(
     ap_rate: str = typer.Option("0", "--ap-rate", help="AP (portable) film rate per class, CLASS=RATE,..."),
     device_rate: str = typer.Option("0", "--device-rate", help="ECG leads and lines rate per class, CLASS=RATE,..."),
     anatomy: str = typer.Option("auto", "--anatomy",
-                                help="real (lung outlines and opacity boxes of the [anatomy] extra), drawn, or auto"),
+                                help="real (lung outlines and opacity boxes of the anatomy extra), drawn, or auto"),
 ) -> None:
     """Generate synthetic chest X-ray phantoms with lung and lesion masks and controllable shortcuts."""
     from saliencylab.data.phantoms import PhantomConfig, generate, parse_rates
