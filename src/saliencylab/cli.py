@@ -207,8 +207,15 @@ def phantoms(
     lesion_scale: float = typer.Option(1.0, "--lesion-scale", min=0.0, help="lesion opacity multiplier"),
     workers: int = typer.Option(0, "--workers", min=0, help="processes (0: all cores)"),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
+    text_rate: str = typer.Option("0", "--text-rate", help="burned-in text label rate per class, CLASS=RATE,..."),
+    site_rate: str = typer.Option("0", "--site-rate",
+                                  help="share from hospital 1 (borders, hard contrast) per class, CLASS=RATE,..."),
+    ap_rate: str = typer.Option("0", "--ap-rate", help="AP (portable) film rate per class, CLASS=RATE,..."),
+    device_rate: str = typer.Option("0", "--device-rate", help="ECG leads and lines rate per class, CLASS=RATE,..."),
+    anatomy: str = typer.Option("auto", "--anatomy",
+                                help="real (lung outlines and opacity boxes of the anatomy extra), drawn, or auto"),
 ) -> None:
-    """Generate synthetic chest X-ray phantoms with lung and lesion masks and a controllable shortcut."""
+    """Generate synthetic chest X-ray phantoms with lung and lesion masks and controllable shortcuts."""
     from saliencylab.data.phantoms import PhantomConfig, generate, parse_rates
     from saliencylab.fsutil import check_output_dir
 
@@ -216,7 +223,10 @@ def phantoms(
     cfg = PhantomConfig(n_covid=n_covid, n_normal=n_normal, size=size, seed=seed,
                         marker_rate=parse_rates(marker_rate), exposure_shift=parse_rates(exposure_shift,
                                                                                         "--exposure-shift"),
-                        lesion_scale=lesion_scale, workers=workers)
+                        lesion_scale=lesion_scale, workers=workers,
+                        text_rate=parse_rates(text_rate, "--text-rate"),
+                        site_rate=parse_rates(site_rate, "--site-rate"), ap_rate=parse_rates(ap_rate, "--ap-rate"),
+                        device_rate=parse_rates(device_rate, "--device-rate"), anatomy=anatomy)
     summary = generate(cfg, out, progress=progress)
     if summary.get("reused"):
         typer.echo(f"{out}: {summary['images']} phantoms already there with these settings; kept them")
