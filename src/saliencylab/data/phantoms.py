@@ -289,7 +289,8 @@ def _ribs(rng: np.random.Generator, f: _Frame, s: int, body_half: np.ndarray, ap
     z = (k - np.floor(k) - 0.5) * (1 / 0.21)
     z2 = z * z
     tube = np.sqrt(np.clip(1 - z2, 0, 1)) * (0.7 + 0.3 * z2)  # brighter cortex at the margins
-    fade = np.clip((x - 0.08) / 0.06, 0, 1) * (d < body_half[:, None] * 0.97) * np.clip((f.bottom + 0.04 - v) / 0.08, 0, 1)
+    fade = (np.clip((x - 0.08) / 0.06, 0, 1) * (d < body_half[:, None] * 0.97)
+            * np.clip((f.bottom + 0.04 - v) / 0.08, 0, 1))
     post = tube * ((k > 0) & (k < 10)) * fade
     # anterior ribs: from the chest wall at a rib's level down and inwards, ending at the costal cartilage
     xa = 1 - x
@@ -434,7 +435,8 @@ def _lesion_boxes(rng: np.random.Generator, f: _Frame, real: Any, lung_box: np.n
         boxes = real.boxes[real.cases[j]:real.cases[j + 1]].astype(np.float64)
         mx0, my0, mx1, my1 = lung_box
         sx, sy = (f.x1 - f.x0) / (mx1 - mx0), (f.bottom - f.top) / (my1 - my0)
-        cx, cy = f.x0 + ((boxes[:, 0] + boxes[:, 2]) / 2 - mx0) * sx, f.top + ((boxes[:, 1] + boxes[:, 3]) / 2 - my0) * sy
+        cx = f.x0 + ((boxes[:, 0] + boxes[:, 2]) / 2 - mx0) * sx
+        cy = f.top + ((boxes[:, 1] + boxes[:, 3]) / 2 - my0) * sy
         # widened a little (and moved down) before they are clipped to the lungs, so that the visible
         # findings' boxes match the real boxes' distribution (measured in benchmarks/bench_phantoms.py)
         w, h = (boxes[:, 2] - boxes[:, 0]) * sx * CLIP_GROWTH[0], (boxes[:, 3] - boxes[:, 1]) * sy * CLIP_GROWTH[1]
@@ -608,7 +610,8 @@ def draw(rng_seed: int, covid: bool, *, size: int = 256, marker: bool = False, e
         gas = np.sqrt(np.clip(1 - ((u2 - gx) / 0.06) ** 2 - ((v2 - gy) / 0.03) ** 2, 0, 1)) * below
     bones = (0.6 * _spine(rng, f, s2) + 0.3 * _ribs(rng, f, s2, body_half, ap) + 0.4 * _clavicles(rng, f, s2, ap)
              + 0.8 * _scapulae(rng, f, s2, ap))
-    low = (3.0 * body + 0.35 * below * (body > 0) + 1.35 * heart * (1 - below) + 0.7 * mediastinum * (body > 0) - 1.0 * gas
+    low = (3.0 * body + 0.35 * below * (body > 0) + 1.35 * heart * (1 - below) + 0.7 * mediastinum * (body > 0)
+           - 1.0 * gas
            + bones + 0.35 * _soft_shadows(rng, f, s2))
     mu = _upsample(low.astype(np.float32), s)
 
