@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Under pytest-xdist each worker gets its share of the cores: torch's default (every core per process) makes
+# the workers' threads spin against each other, many times slower on a small or busy machine.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_threads))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from torch import nn
 
 from saliencylab.models import Normalized

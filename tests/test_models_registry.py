@@ -134,3 +134,16 @@ def test_timm_vit_declares_tokens_and_gradcam_matches_pytorch_grad_cam():
     corr = [float(torch.corrcoef(torch.stack([ours_n[i].flatten(), torch.from_numpy(ref[i]).double().flatten()]))[0, 1])
             for i in range(2)]
     assert min(corr) > 0.99, corr
+
+
+def test_a_loaded_checkpoint_is_in_eval_mode(tmp_path):
+    """load_checkpoint hands back a model ready for inference (a train-mode BatchNorm would update its running
+    statistics on the first forward pass and change every later map)."""
+    from saliencylab.models import load_model
+    from saliencylab.models.registry import load_checkpoint, save_checkpoint
+
+    clf = load_model("cxr_cnn", weights="random")
+    clf.module.train()
+    save_checkpoint(clf, tmp_path / "c.pt", arch="cxr_cnn", arch_kwargs={})
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    assert not any(m.training for m in loaded.module.modules())

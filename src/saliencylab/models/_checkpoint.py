@@ -151,6 +151,7 @@ def load_checkpoint(path: str | os.PathLike) -> Classifier:
                         "or was written by an incompatible version") from None
     if ckpt.get("cam_layer"):
         clf.module.cam_layer = ckpt["cam_layer"]
+    clf.module.eval()  # ready for inference, as from load_model: a train-mode BatchNorm would move its statistics
     extra = {**clf.extra, **ckpt.get("extra", {}), "config": ckpt.get("config", {})}
     num_outputs = int(extra.get("num_outputs", clf.num_outputs))
     return clf.replace(name=str(path), class_names=list(ckpt["class_names"]), input_size=tuple(ckpt["input_size"]),

@@ -120,7 +120,7 @@ class ModelCache:
                 e = self.entries[label]
                 clf = load_model(e.name, weights=e.weights, device=self.device)
                 if e.input_size:
-                    clf.input_size = (e.input_size, e.input_size)
+                    clf = clf.replace(input_size=(e.input_size, e.input_size))
                 self._models[label] = clf
             return self._models[label]
 
