@@ -178,3 +178,36 @@ def test_glyphs():
     assert render("L").tolist() == [[c == "#" for c in row] for row in
                                      ("#    ", "#    ", "#    ", "#    ", "#    ", "#    ", "#####")]
     assert render("AP", 2).shape == (14, 22)
+
+
+def text_detector() -> nn.Module:
+    """A factory for `--model test_shortcuts:text_detector`: the hand-set model that reads burned-in text."""
+    return Detector("text")
+
+
+def test_audit_probes_each_shortcut_family_the_phantoms_carry(tmp_path):
+    """`saliencylab audit` swaps every family the phantoms were drawn with: a text reader flips with the text
+    label, not with the devices; families never drawn are not probed (null)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from saliencylab.cli import app
+    from saliencylab.data.phantoms import generate
+
+    root = tmp_path / "phantoms"
+    generate(PhantomConfig(n_covid=6, n_normal=6, size=SIZE, seed=2, workers=1, anatomy="drawn",
+                           text_rate={"COVID": 0.5, "Normal": 0.5}, device_rate={"COVID": 0.5, "Normal": 0.5}),
+             root, progress=False)
+    out = tmp_path / "audit"
+    res = CliRunner().invoke(app, ["audit", "--model", "test_shortcuts:text_detector", "--input-size", str(SIZE),
+                                   "--channels", "1", "--classes", "Normal,COVID", "--data", str(root),
+                                   "--methods", "occlusion",
+                                   "--sanity-images", "2", "--faithfulness-images", "1", "--out", str(out)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    probes = json.loads((out / "audit.json").read_text())["probes"]
+    assert probes["text_swap"]["images"] == 12 and probes["text_swap"]["flip_rate"] >= 0.9, probes["text_swap"]
+    assert probes["devices_swap"]["flip_rate"] <= 0.15, probes["devices_swap"]
+    assert probes["site_swap"] is None and probes["position_swap"] is None
+    assert f"text present vs absent: {probes['text_swap']['flips']} of 12 predictions flip" in res.output

@@ -155,7 +155,8 @@ def redraw(row: dict[str, str], settings: dict[str, Any], *, size: int | None = 
                 **kwargs).image
 
 
-def _batch(images: Sequence[np.ndarray], size: int, channels: int) -> torch.Tensor:
+def as_batch(images: Sequence[np.ndarray], size: int, channels: int) -> torch.Tensor:
+    """Float (H, W) images in [0, 1] -> x[B, channels, size, size], through uint8 as the stored PNGs are."""
     from PIL import Image
 
     arr = []
@@ -189,7 +190,7 @@ def probe(family: str, model: torch.nn.Module, rows: Sequence[dict[str, str]], s
     p = {}
     for key, value in (("present", present), ("absent", absent)):
         imgs = [redraw(r, settings, **{family: value}) for r in rows]
-        p[key] = positive_probability(model, _batch(imgs, input_size, channels))
+        p[key] = positive_probability(model, as_batch(imgs, input_size, channels))
     return flips(p["present"], p["absent"])
 
 

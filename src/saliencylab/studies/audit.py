@@ -705,29 +705,74 @@ def _swap_summary(rows: list[MarkerSwapRow], cfg: AuditConfig) -> dict[str, Any]
                 summarise=_swap_summary)
 def marker_swap(b: Batch, cfg: AuditConfig) -> list[MarkerSwapRow]:
     """Each phantom redrawn from its seed with and without the marker: how many predictions flip."""
-    from PIL import Image
-
-    from saliencylab.data.cache import to_batch
-    from saliencylab.data.phantoms import draw
+    from saliencylab.data import shortcuts
 
     assert b.labels is not None
     have = [i for i, ph in enumerate(b.phantoms) if ph is not None]
     if not have:
         return []
-    size = b.x.shape[-1]
     probs = {}
-    for flag in (True, False):
-        arrs = []
-        for i in have:
-            ph = b.phantoms[i]
-            img = draw(ph["seed"], ph["covid"], size=ph["size"], marker=flag, exposure_shift=ph["exposure_shift"],
-                       lesion_scale=ph["lesion_scale"]).image
-            arrs.append(np.asarray(Image.fromarray((img * 255 + 0.5).astype(np.uint8)).resize((size, size),
-                                                                                              Image.BILINEAR)))
-        x = to_batch(np.stack(arrs), np.arange(len(arrs)), b.x.shape[1]).contiguous()
-        probs[flag] = _positive(class_probabilities(b.model, x))
+    for flag in (True, False):  # every other family, the anatomy source and the exposure as stored
+        imgs = [shortcuts.redraw(b.phantoms[i]["row"], b.phantoms[i]["settings"], size=b.phantoms[i]["size"],
+                                 marker=flag) for i in have]
+        probs[flag] = _positive(class_probabilities(b.model, shortcuts.as_batch(imgs, b.x.shape[-1], b.x.shape[1])))
     return [MarkerSwapRow(b.records[i].file, int(b.labels[i]), float(probs[True][j]), float(probs[False][j]))
             for j, i in enumerate(have)]
+
+
+# the phantoms' other shortcut families (DeGrave et al. 2021), by the settings key of their per-class rates
+SHORTCUT_RATES = {"text": "text_rate", "site": "site_rate", "position": "ap_rate", "devices": "device_rate"}
+
+
+@dataclass(frozen=True)
+class ShortcutSwapRow:
+    """Positive probability of the same phantom drawn with one shortcut family present and absent."""
+
+    file: str
+    family: str
+    present: float
+    absent: float
+
+
+def _shortcut_summary(rows: list[ShortcutSwapRow], cfg: AuditConfig) -> dict[str, Any]:
+    from saliencylab.metrics.probes import flips
+
+    out: dict[str, Any] = {f"{family}_swap": None for family in SHORTCUT_RATES}
+    for family in SHORTCUT_RATES:
+        mine = [r for r in rows if r.family == family]
+        if mine:
+            f = flips(np.array([r.present for r in mine]), np.array([r.absent for r in mine]))
+            out[f"{family}_swap"] = {"images": f["images"], "flips": f["flips"], "flip_rate": f["flip_rate"],
+                                     "positive_rate_present": f["positive_rate_a"],
+                                     "positive_rate_absent": f["positive_rate_b"]}
+    return out
+
+
+@register_check("shortcut_swaps", needs=("phantoms", "binary"), per_method=False, section="probes",
+                summarise=_shortcut_summary)
+def shortcut_swaps(b: Batch, cfg: AuditConfig) -> list[ShortcutSwapRow]:
+    """For every shortcut family the phantoms were drawn with (text, site, position, devices; a rate above
+    0 in any class), each phantom redrawn with the family present and absent: how many decisions flip."""
+    from saliencylab.data import shortcuts
+
+    have = [i for i, ph in enumerate(b.phantoms) if ph is not None and ph.get("row")]
+    if not have:
+        return []
+    settings = b.phantoms[have[0]]["settings"]
+    rows = [b.phantoms[i]["row"] for i in have]
+    out = []
+    for family, key in SHORTCUT_RATES.items():
+        if not any(float(v) > 0 for v in (settings.get(key) or {}).values()):
+            continue  # never drawn: nothing to swap
+        present, absent = shortcuts.STATES[family]
+        p = {}
+        for state in (present, absent):
+            imgs = [shortcuts.redraw(r, settings, **{family: state}) for r in rows]
+            x = shortcuts.as_batch(imgs, b.x.shape[-1], b.x.shape[1])
+            p[state] = _positive(class_probabilities(b.model, x))
+        out += [ShortcutSwapRow(b.records[i].file, family, float(p[present][j]), float(p[absent][j]))
+                for j, i in enumerate(have)]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -940,7 +985,7 @@ def _phantom(row: dict[str, str], r: Record, settings: dict[str, Any], src_size:
         return None
     return {"seed": int(row["seed"]), "covid": r.cls == "COVID", "size": int(settings.get("size", src_size)),
             "exposure_shift": float(settings.get("exposure_shift", {}).get(r.cls, 0.0)),
-            "lesion_scale": float(settings.get("lesion_scale", 1.0))}
+            "lesion_scale": float(settings.get("lesion_scale", 1.0)), "row": row, "settings": settings}
 
 
 def _phantom_settings(root: Path) -> dict[str, Any]:
@@ -1027,6 +1072,10 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
     if p.get("marker_swap"):
         lines.append(f"marker added vs removed: {p['marker_swap']['flips']} of {p['marker_swap']['images']} "
                      "predictions flip")
+    for family in SHORTCUT_RATES:
+        if p.get(f"{family}_swap"):
+            sw = p[f"{family}_swap"]
+            lines.append(f"{family} present vs absent: {sw['flips']} of {sw['images']} predictions flip")
     if result["unreadable"]:
         lines.append(f"{result['unreadable']} unreadable images skipped: "
                      + ", ".join(u["file"] for u in result["unreadable_files"][:5])
