@@ -100,64 +100,10 @@ def speed(n: int, size: int = 256, workers: int = 2) -> dict:
 
 
 def figure(path: Path, size: int = 256) -> None:
-    """Phantoms (with their lung outlines) beside the real outlines and the real opacity-box density."""
-    import matplotlib
+    """The README's figure: `saliencylab.render.figures.phantoms_vs_real`, kept small for the repository."""
+    from saliencylab.render.figures import phantoms_vs_real
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LinearSegmentedColormap
-
-    real = anatomy.load()
-    fig, axes = plt.subplots(2, 4, figsize=(10, 5.3), dpi=80)
-    for k, ax in enumerate(axes[:, :2].ravel()):
-        covid = k % 2 == 0
-        ph = draw(image_seed(7, "COVID" if covid else "Normal", k + 1), covid, size=size, anatomy="real",
-                  marker=k == 1, text=k == 2, devices=k == 3, position="AP" if k == 2 else "PA", site=k % 2)
-        ax.imshow(ph.image, cmap="gray", vmin=0, vmax=1)
-        ax.contour(ph.lungs, levels=[0.5], colors="#4fc3f7", linewidths=0.6)
-        if ph.lesions.any():
-            ax.contour(ph.lesions, levels=[0.5], colors="#ff7043", linewidths=0.6)
-        ax.set_title(("COVID-like" if covid else "Normal") + " phantom", fontsize=9)
-    ax = axes[0, 2]
-    rng = np.random.default_rng(0)
-    for i in rng.choice(len(real.polygons), 60, replace=False):
-        for poly in real.polygons[i]:
-            ax.plot(poly[:, 0] * size, poly[:, 1] * size, color="#1565c0", lw=0.4, alpha=0.5)
-    ax.set_title("60 real lung outlines", fontsize=9)
-    ax = axes[1, 2]
-    for _ in range(60):
-        ph = draw(int(rng.integers(2**31)), False, size=size, anatomy="real")
-        ax.contour(ph.lungs, levels=[0.5], colors="#2e7d32", linewidths=0.4, alpha=0.5)
-    ax.set_title("60 phantom lung outlines", fontsize=9)
-    grid = np.zeros((64, 64))
-    for x0, y0, x1, y1 in real.boxes:
-        grid[int(y0 * 64):max(int(y0 * 64) + 1, int(y1 * 64)), int(x0 * 64):max(int(x0 * 64) + 1, int(x1 * 64))] += 1
-    ours = np.zeros((64, 64))
-    for i in range(1, 301):
-        ph = draw(image_seed(11, "COVID", i), True, size=64, anatomy="real")
-        for x0, y0, x1, y1 in ph.lesion_boxes:
-            ours[y0:y1, x0:x1] += 1
-    cmap = LinearSegmentedColormap.from_list("d", ["#ffffff", "#b71c1c"])
-    for ax, g, title in ((axes[0, 3], grid, f"real opacity boxes (n={len(real.boxes)})"),
-                         (axes[1, 3], ours, "phantom lesion boxes (n=300 films)")):
-        ax.imshow(g / g.max(), cmap=cmap, extent=(0, size, size, 0))
-        ax.set_title(title, fontsize=9)
-    for ax in axes.ravel():
-        ax.set_xlim(0, size)
-        ax.set_ylim(size, 0)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_aspect("equal")
-    fig.suptitle("Phantoms (outlines: lungs blue, findings orange) and the real data they are drawn from "
-                 "(image right = patient's left)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    from PIL import Image
-
-    # 128 colours keep the committed PNG small (about 110 kB instead of 310 kB)
-    Image.open(path).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    phantoms_vs_real(path, size=size, colours=128)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,12 +36,25 @@ def test_demo_writes_every_stage(demo):
     top = json.loads((demo / "study1/classify.json").read_text())["images"]
     assert top[1]["top"][0]["class"] == "espresso"
     stages = json.loads((demo / "demo.json").read_text())["stages"]
-    assert len(stages) == 10 and not any(s["reused"] for s in stages)
+    assert len(stages) == 11 and not any(s["reused"] for s in stages)
+
+
+def test_demo_report_shows_the_phantoms_beside_the_real_data(demo):
+    """With the [anatomy] extra (in the test extra), the demo draws the phantoms beside the real lung outlines and
+    opacity boxes, and the report embeds that figure in study 2; without it, neither appears."""
+    from saliencylab.data import anatomy
+
+    html = (demo / "report.html").read_text()
+    if anatomy.available():
+        assert (demo / "phantoms_vs_real.png").is_file() and 'id="phantoms-vs-real"' in html
+        assert "data:image/png;base64," in html.split('id="phantoms-vs-real"', 1)[1][:200]
+    else:
+        assert not (demo / "phantoms_vs_real.png").exists() and 'id="phantoms-vs-real"' not in html
 
 
 def test_demo_rerun_reuses_and_interrupted_demo_finishes(demo, tmp_path, monkeypatch):
     res = runner.invoke(app, ["demo", "--quick", "--out", str(demo)])
-    assert res.exit_code == 0 and res.output.count("reused") == 10
+    assert res.exit_code == 0 and res.output.count("reused") == 11
 
     copy = tmp_path / "demo"
     shutil.copytree(demo, copy)
@@ -56,7 +69,7 @@ def test_demo_rerun_reuses_and_interrupted_demo_finishes(demo, tmp_path, monkeyp
     monkeypatch.setattr(audit_mod, "audit", real)
     res = runner.invoke(app, ["demo", "--quick", "--out", str(copy)])
     assert res.exit_code == 0, res.output
-    assert res.output.count("reused") == 8 and (copy / "report.html").is_file()
+    assert res.output.count("reused") == 9 and (copy / "report.html").is_file()
     assert not list(copy.rglob("*.tmp*"))  # no half-written file anywhere
     for path in copy.rglob("*.json"):
         json.loads(path.read_text())

@@ -116,6 +116,7 @@ def write_report(folder: str | Path, *, command: str = "") -> Path:
     html = env.get_template("report.html.j2").render(
         title="saliencylab report", classify=classify, results=results,
         figure2=_png(explain_dir / "figure.png"), runs=run_infos, demo=demo, headline=headline,
+        phantoms_vs_real=_png(folder / "phantoms_vs_real.png"),
         versions=_versions(), command=command or " ".join(sys.argv), folder=str(folder),
     )
     write_text(folder / "report.html", html)

@@ -110,6 +110,14 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
                      progress=progress)
         return fn
 
+    def real_data_figure() -> None:
+        """The phantoms beside the real lung outlines and opacity boxes, for the report (with [anatomy])."""
+        from saliencylab.data import anatomy
+        from saliencylab.render.figures import phantoms_vs_real
+
+        if anatomy.available():
+            phantoms_vs_real(out / "phantoms_vs_real.png", size=min(cfg.phantom_size * 2, 256))
+
     def fit(name: str, data: str) -> Callable[[], None]:
         def fn() -> None:
             train(TrainConfig(data=str(out / "data" / data), epochs=cfg.epochs, image_size=cfg.image_size,
@@ -131,6 +139,7 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
 
     stage("study 1: photos", study1)
     stage("phantoms: with shortcut", phantoms("shortcut", {"COVID": 0.9, "Normal": 0.1}))
+    stage("phantoms beside real data", real_data_figure)
     stage("phantoms: clean", phantoms("clean", {"COVID": 0.5, "Normal": 0.5}))
     stage("train: shortcut model", fit("shortcut", "shortcut"))
     stage("train: clean model", fit("clean", "clean"))
