@@ -1,7 +1,8 @@
 """Faithfulness: does removing what the map calls important change the prediction more than removing
 what it calls unimportant? Deletion and insertion curves (Petsiuk, Das & Saenko 2018,
 https://arxiv.org/abs/1806.07421), with removed pixels filled by blur or by noisy linear imputation
-(ROAD: Rong et al. 2022, https://arxiv.org/abs/2202.00449), most- or least-relevant first."""
+(ROAD: Rong et al. 2022, https://arxiv.org/abs/2202.00449), most- or least-relevant first; and the
+faithfulness correlation of Bhatt et al. 2020 (do random subsets' attribution sums predict their score drops?)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ ROAD_STENCIL: tuple[tuple[int, int, float], ...] = (
 
 
 def noisy_linear_fill(x: torch.Tensor, removed: torch.Tensor, *, noise: float = 0.01, seed: int = 0) -> torch.Tensor:
-    """ROAD's noisy linear imputation (Rong et al. 2022, https://arxiv.org/abs/2202.00449, eq. 4).
+    """ROAD's noisy linear imputation (Rong et al. 2022, https://arxiv.org/abs/2202.00449).
 
     Every removed pixel becomes the weighted mean of its 8 neighbours that lie in the image (weight 1/6 for
     the direct neighbours, 1/12 for the diagonal ones), removed neighbours included: all removed pixels are
