@@ -113,3 +113,27 @@ def cxr_run(cxr_data, tmp_path_factory):
     cfg = TrainConfig(data=str(cxr_data), epochs=3, image_size=64, batch_size=8, lr=2e-3, workers=1)
     train(cfg, out, progress=False, log=lambda *_: None)
     return out
+
+
+def headless_chromium(*flags: str, window: str = "1280,900", performance_log: bool = False):
+    """Debian's Chromium under Selenium, headless, with the flags that keep it off the network (no background
+    requests, no component updates); skips the test when chromium or chromedriver is missing."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chrome = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chrome or not driver:
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = chrome
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--window-size={window}", *flags):
+        opts.add_argument(flag)
+    if performance_log:
+        opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=opts)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import headless_chromium
 from saliencylab.cli import app
 
 runner = CliRunner()
@@ -84,29 +85,11 @@ def test_report_command_on_a_single_run(demo):
     assert res.exit_code == 2 and "nothing to report" in res.stderr
 
 
-def _browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chrome = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chrome or not driver:
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = chrome
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1200,3000"):
-        opts.add_argument(flag)
-    return webdriver.Chrome(service=Service(driver), options=opts)
-
-
 def test_report_in_a_real_browser(demo, tmp_path):
     html = (demo / "report.html").read_text()
     assert not re.search(r'(?:src|href)\s*=\s*"(?:https?:)?//', html)  # nothing to fetch from anywhere
     assert "<script" not in html
-    browser = _browser()
+    browser = headless_chromium(window="1200,3000")
     try:
         browser.get((demo / "report.html").as_uri())
         images = browser.execute_script(
