@@ -137,3 +137,22 @@ def headless_chromium(*flags: str, window: str = "1280,900", performance_log: bo
     if performance_log:
         opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def edge_detector(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A 'method' that ignores the model: the input's gradient magnitude (an edge map), [B, H-1, W-1].
+    Randomisation checks must fail it."""
+    gx = x[..., :, 1:] - x[..., :, :-1]
+    gy = x[..., 1:, :] - x[..., :-1, :]
+    return (gx[..., :-1, :].abs() + gy[..., :, :-1].abs()).sum(1)
+
+
+def normalised_reference(net: nn.Module, x: torch.Tensor, target: torch.Tensor, mean: tuple[float, ...],
+                         std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original net's logits on (x - mean) / std, and d logit[target] / d pixels by torch autograd: what a
+    loaded copy with the normalisation inside must reproduce."""
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    x = x.clone().requires_grad_(True)
+    logits = net.eval()((x - m) / s)
+    (grad,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), x)
+    return logits.detach(), grad

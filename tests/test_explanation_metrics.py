@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import LinearModel, TinyCNN
+from conftest import LinearModel, TinyCNN, edge_detector
 from saliencylab.methods.gradient import vanilla
 from saliencylab.metrics.faithfulness import area, noisy_linear_fill, removal_curve
 from saliencylab.metrics.localisation import (
@@ -97,13 +97,6 @@ def test_noisy_linear_fill_interpolates():
     torch.testing.assert_close(out[:, ~removed], x[:, ~removed])
 
 
-def _edge_detector(model, x, target):
-    """A 'method' that ignores the model: the input's gradient magnitude (a Sobel-like edge map)."""
-    gx = x[..., :, 1:] - x[..., :, :-1]
-    gy = x[..., 1:, :] - x[..., :-1, :]
-    return (gx[..., :-1, :].abs() + gy[..., :, :-1].abs()).sum(1)
-
-
 @pytest.fixture(scope="module")
 def blobs():
     """Images with one bright blob each, at different places: structured, and unrelated to each other."""
@@ -113,10 +106,10 @@ def blobs():
     return torch.stack(imgs)[:, None].repeat(1, 3, 1, 1) * 0.8 + 0.1
 
 
-def test_randomisation_vanilla_passes_edge_detector_fails(blobs):
+def test_randomisation_vanilla_passesedge_detector_fails(blobs):
     model = TinyCNN(seed=3).eval()
     t = torch.zeros(len(blobs), dtype=torch.long)
-    edge = randomisation_check(model, blobs, t, _edge_detector)
+    edge = randomisation_check(model, blobs, t, edge_detector)
     assert edge["final"]["ssim"] == pytest.approx(1.0) and edge["passed"] is False
     van = randomisation_check(model, blobs, t, vanilla)
     assert van["passed"] is True and van["final"]["ssim"] < edge["final"]["ssim"]

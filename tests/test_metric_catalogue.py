@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import LinearModel, TinyCNN
+from conftest import LinearModel, TinyCNN, edge_detector
 from saliencylab.methods.gradient import gradient_x_input, smoothgrad, vanilla
 from saliencylab.metrics.complexity import complexity, histogram_entropy, sparseness
 from saliencylab.metrics.faithfulness import faithfulness_correlation
@@ -201,13 +201,6 @@ def test_random_logit_on_a_multiclass_model():
 # ---- sMPRT and eMPRT --------------------------------------------------------------------------------------
 
 
-def _edge_detector(model, x, target):
-    """A 'method' that ignores the model: the input's gradient magnitude."""
-    gx = x[..., :, 1:] - x[..., :, :-1]
-    gy = x[..., 1:, :] - x[..., :-1, :]
-    return (gx[..., :-1, :].abs() + gy[..., :, :-1].abs()).sum(1)
-
-
 @pytest.fixture(scope="module")
 def blobs():
     yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
@@ -245,24 +238,24 @@ def test_smoothed_map_is_the_mean_over_the_seeded_noise():
     torch.testing.assert_close(got, (w * (x + eps)).sum(1))
 
 
-def test_smooth_mprt_degenerates_to_mprt_and_separates_edge_detector_from_gradient(blobs):
+def test_smooth_mprt_degenerates_to_mprt_and_separatesedge_detector_from_gradient(blobs):
     model = TinyCNN(seed=3).eval()
     t = torch.zeros(len(blobs), dtype=torch.long)
     plain = randomisation_check(model, blobs, t, vanilla, order="bottom_up")
     same = smooth_mprt(model, blobs, t, vanilla, n_noisy=1, noise=0.0)
     assert same["steps"] == plain["steps"] and same["passed"] == plain["passed"]
-    edge = smooth_mprt(model, blobs, t, _edge_detector, n_noisy=4, noise=0.05)
+    edge = smooth_mprt(model, blobs, t, edge_detector, n_noisy=4, noise=0.05)
     assert edge["final"]["ssim"] == pytest.approx(1.0) and edge["passed"] is False
     van = smooth_mprt(model, blobs, t, vanilla, n_noisy=4, noise=0.05)
     assert van["passed"] is True and van["final"]["ssim"] < 0.5 and van["order"] == "bottom_up"
     torch.testing.assert_close(vanilla(model, blobs, t), vanilla(TinyCNN(seed=3).eval(), blobs, t))  # untouched
 
 
-def test_efficient_mprt_edge_detector_rises_0_gradient_rises(blobs):
+def test_efficient_mprtedge_detector_rises_0_gradient_rises(blobs):
     model = BumpReader().train()  # a mode to keep
     t = torch.ones(len(blobs), dtype=torch.long)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    edge = efficient_mprt(model, blobs, t, _edge_detector)
+    edge = efficient_mprt(model, blobs, t, edge_detector)
     assert edge["rise"] == [0.0] * len(blobs) and edge["mean_rise"] == 0.0
     van = efficient_mprt(model, blobs, t, vanilla)
     assert all(r > 0.3 for r in van["rise"]), van["rise"]  # the bump turned to noise

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
+from conftest import normalised_reference
 from saliencylab.cli import app
 from saliencylab.errors import UserError
 from saliencylab.methods import get_method
@@ -63,18 +64,9 @@ def _x(n: int = 2, c: int = 3, s: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, c, s, s, generator=torch.Generator().manual_seed(seed))
 
 
-def _reference(net: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The original's logits on the normalised input, and d logit[target] / d pixels by torch autograd."""
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    x = x.clone().requires_grad_(True)
-    logits = net.eval()((x - mean) / std)
-    (grad,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), x)
-    return logits.detach(), grad
-
-
 def _check_against(clf, net: nn.Module, tol: float = 1e-5) -> None:
     x, target = _x(), torch.tensor([0, 2])
-    logits, grad = _reference(net, x, target)
+    logits, grad = normalised_reference(net, x, target, MEAN, STD)
     with torch.no_grad():
         torch.testing.assert_close(clf.module(x), logits, atol=tol, rtol=tol)
     ours = input_gradient(clf.module, x, target)  # what vanilla gradient and friends differentiate

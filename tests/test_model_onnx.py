@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from conftest import normalised_reference
 from saliencylab.cli import app
 from saliencylab.errors import UserError
 from saliencylab.methods import get_method
@@ -46,14 +47,6 @@ def _x() -> torch.Tensor:
     return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-def _reference(net: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    x = x.clone().requires_grad_(True)
-    logits = net.eval()((x - mean) / std)
-    (grad,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), x)
-    return logits.detach(), grad
-
-
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_onnx_converts_with_the_original_logits_gradient_and_cam(tmp_path, dynamic):
     net = Net(nn.AdaptiveAvgPool2d(1))
@@ -62,7 +55,7 @@ def test_onnx_converts_with_the_original_logits_gradient_and_cam(tmp_path, dynam
     clf = load_model(path, mean=MEAN, std=STD)
     assert clf.format == "onnx" and clf.gradients and clf.input_size == (16, 16) and clf.channels == 3
     x, target = _x(), torch.tensor([0, 2])
-    logits, grad = _reference(net, x, target)
+    logits, grad = normalised_reference(net, x, target, MEAN, STD)
     with torch.no_grad():
         torch.testing.assert_close(clf.module(x), logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(input_gradient(clf.module, x, target), grad, atol=1e-4 * float(grad.abs().max()),
@@ -89,7 +82,7 @@ def test_onnx_operator_the_converter_lacks_runs_forward_only(tmp_path):
     clf = load_model(path, mean=MEAN, std=STD)
     assert clf.format == "onnxruntime" and not clf.gradients
     x, target = _x(), torch.tensor([0, 2])
-    logits, _ = _reference(net, x, target)
+    logits, _ = normalised_reference(net, x, target, MEAN, STD)
     with torch.no_grad():
         torch.testing.assert_close(clf.module(x), logits, atol=1e-4, rtol=1e-4)
     occ = get_method("occlusion")
