@@ -1,11 +1,14 @@
-"""Small tensor operations shared by methods, metrics and rendering, written for x[B, C, *spatial]."""
+"""Small tensor operations shared by models, methods, metrics and rendering, written for x[B, C, *spatial]."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -47,3 +50,16 @@ def gaussian_blur(x: torch.Tensor, sigma: float | tuple[float, ...]) -> torch.Te
         flat = F.conv1d(F.pad(flat, (r, r), mode=mode), k.view(1, 1, -1))
         out = flat.reshape(shape).movedim(-1, 2 + axis)
     return out.reshape(b, c, *spatial)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put the model in eval mode for the block; restore each submodule's own mode afterwards, also on error
+    (a root `.train(flag)` would overwrite them all, e.g. a frozen BatchNorm in a training model)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode

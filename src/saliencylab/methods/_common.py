@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from saliencylab.ops import eval_mode  # noqa: F401  (re-exported: the methods' one mode guard)
+
 
 def target_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The scalar each method explains, per sample: logits[B, K], target[B] -> [B].
@@ -29,18 +31,6 @@ def target_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     if logits.shape[1] == 1:
         return torch.sigmoid(target_score(logits, target))
     return logits.softmax(dim=1).gather(1, target.to(logits.device).view(-1, 1))[:, 0]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put the model in eval mode for the block; restore each submodule's own mode afterwards, also on error."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

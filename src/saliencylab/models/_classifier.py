@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from saliencylab.errors import UserError
+from saliencylab.ops import eval_mode
 
 
 @dataclass(frozen=True)
@@ -165,14 +166,6 @@ class Classifier:
                                             align_corners=False, antialias=True)
         return x[0].clamp_(0.0, 1.0)
 
-    def check_input(self, x: torch.Tensor, source: str = "the data") -> None:
-        """One-line error when a batch x[B, C, H, W] does not fit the model (channels, size)."""
-        if x.ndim != 4 or x.shape[1] != self.channels or tuple(x.shape[2:]) != tuple(self.input_size):
-            got = "x".join(str(s) for s in x.shape[1:])
-            raise UserError(f"{source} gives images of {got} (channels x height x width) but the model {self.name} "
-                            f"takes {self.channels}x{self.input_size[0]}x{self.input_size[1]}; resize the data or "
-                            "pass --channels/--input-size that match the model")
-
     def describe(self) -> dict[str, Any]:
         """Metadata for results files."""
         return {"name": self.name, "weights": self.weights, "format": self.format,
@@ -180,17 +173,6 @@ class Classifier:
                 "std": list(self.std), "num_classes": len(self.class_names), "num_outputs": self.num_outputs,
                 "binary": self.binary, "score": self.score, "gradients": self.gradients,
                 "cam_layer": self.cam_layer, "cam_layout": self.layout.describe()}
-
-
-def saved_modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """Each submodule with its own training flag, for `restore_modes`."""
-    return [(m, m.training) for m in module.modules()]
-
-
-def restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
-    """Put every submodule back in its own mode (a root `.train(flag)` would overwrite them all)."""
-    for m, mode in modes:
-        m.training = mode
 
 
 def probe_outputs(module: nn.Module, channels: int, input_size: tuple[int, int], source: str) -> int:
@@ -201,10 +183,8 @@ def probe_outputs(module: nn.Module, channels: int, input_size: tuple[int, int],
     """
     device = next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
     x = torch.zeros(1, channels, *input_size, device=device)
-    modes = saved_modes(module)
     try:
-        module.eval()
-        with torch.no_grad():
+        with eval_mode(module), torch.no_grad():
             out = module(x)
     except UserError:
         raise
@@ -212,8 +192,6 @@ def probe_outputs(module: nn.Module, channels: int, input_size: tuple[int, int],
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise UserError(f"{source} fails on an input of {channels}x{input_size[0]}x{input_size[1]} pixels "
                         f"({type(err).__name__}: {first}); pass --channels and --input-size that match it") from None
-    finally:
-        restore_modes(modes)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
         what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"{source} returns {what}, not logits [batch, classes]; wrap it so that it returns "

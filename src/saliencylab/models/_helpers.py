@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from saliencylab.errors import UserError
-from saliencylab.models._classifier import restore_modes, saved_modes
+from saliencylab.ops import eval_mode
 
 
 def resolve_device(device: str) -> torch.device:
@@ -84,18 +84,15 @@ def find_cam_layer(module: nn.Module, x: torch.Tensor) -> str:
                 finished.append(name)
         return hook
 
-    modes = saved_modes(module)
     try:
         for name, sub in module.named_modules():
             if name:
                 handles.append(sub.register_forward_hook(make_hook(name)))
-        module.eval()
-        with torch.no_grad():
+        with eval_mode(module), torch.no_grad():
             module(x[:1])
     finally:
         for h in handles:
             h.remove()
-        restore_modes(modes)
     pooling = {name for name, sub in module.named_modules() if "pool" in type(sub).__name__.lower()}
     for name in reversed(finished):
         shape = shapes[name]
