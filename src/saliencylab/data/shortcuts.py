@@ -186,12 +186,16 @@ def probe(family: str, model: torch.nn.Module, rows: Sequence[dict[str, str]], s
     """
     from saliencylab.metrics.probes import flips, positive_probability
 
-    present, absent = STATES[family]
-    p = {}
-    for key, value in (("present", present), ("absent", absent)):
-        imgs = [redraw(r, settings, **{family: value}) for r in rows]
-        p[key] = positive_probability(model, as_batch(imgs, input_size, channels))
-    return flips(p["present"], p["absent"])
+    present, absent = swapped(family, rows, settings, input_size=input_size, channels=channels)
+    return flips(positive_probability(model, present), positive_probability(model, absent))
+
+
+def swapped(family: str, rows: Sequence[dict[str, str]], settings: dict[str, Any], *, input_size: int,
+            channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's image redrawn with the family present and with it absent, everything else as stored:
+    two batches x[B, channels, input_size, input_size] in [0, 1], for a probe to compare."""
+    return tuple(as_batch([redraw(r, settings, **{family: state}) for r in rows], input_size, channels)
+                 for state in STATES[family])  # type: ignore[return-value]
 
 
 def _make_probe(family: str) -> Callable[..., dict[str, float]]:

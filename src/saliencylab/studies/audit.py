@@ -90,7 +90,7 @@ class Batch:
         uses_model: per method name, whether its map depends on the model (sanity applies).
         model: the classifier's module.
         others: other models by role ('compare', 'shuffled').
-        phantoms: per image, the phantom's seed and drawing settings (None for other data).
+        phantoms: per image, its metadata row and the dataset's drawing settings (None for other data).
     """
 
     offset: int
@@ -711,12 +711,10 @@ def marker_swap(b: Batch, cfg: AuditConfig) -> list[MarkerSwapRow]:
     have = [i for i, ph in enumerate(b.phantoms) if ph is not None]
     if not have:
         return []
-    probs = {}
-    for flag in (True, False):  # every other family, the anatomy source and the exposure as stored
-        imgs = [shortcuts.redraw(b.phantoms[i]["row"], b.phantoms[i]["settings"], size=b.phantoms[i]["size"],
-                                 marker=flag) for i in have]
-        probs[flag] = _positive(class_probabilities(b.model, shortcuts.as_batch(imgs, b.x.shape[-1], b.x.shape[1])))
-    return [MarkerSwapRow(b.records[i].file, int(b.labels[i]), float(probs[True][j]), float(probs[False][j]))
+    with_marker, without = (_positive(class_probabilities(b.model, x)) for x in shortcuts.swapped(
+        "marker", [b.phantoms[i]["row"] for i in have], b.phantoms[have[0]]["settings"], input_size=b.x.shape[-1],
+        channels=b.x.shape[1]))  # every other family, the anatomy source and the exposure as stored
+    return [MarkerSwapRow(b.records[i].file, int(b.labels[i]), float(with_marker[j]), float(without[j]))
             for j, i in enumerate(have)]
 
 
@@ -755,7 +753,7 @@ def shortcut_swaps(b: Batch, cfg: AuditConfig) -> list[ShortcutSwapRow]:
     0 in any class), each phantom redrawn with the family present and absent: how many decisions flip."""
     from saliencylab.data import shortcuts
 
-    have = [i for i, ph in enumerate(b.phantoms) if ph is not None and ph.get("row")]
+    have = [i for i, ph in enumerate(b.phantoms) if ph is not None]
     if not have:
         return []
     settings = b.phantoms[have[0]]["settings"]
@@ -764,13 +762,9 @@ def shortcut_swaps(b: Batch, cfg: AuditConfig) -> list[ShortcutSwapRow]:
     for family, key in SHORTCUT_RATES.items():
         if not any(float(v) > 0 for v in (settings.get(key) or {}).values()):
             continue  # never drawn: nothing to swap
-        present, absent = shortcuts.STATES[family]
-        p = {}
-        for state in (present, absent):
-            imgs = [shortcuts.redraw(r, settings, **{family: state}) for r in rows]
-            x = shortcuts.as_batch(imgs, b.x.shape[-1], b.x.shape[1])
-            p[state] = _positive(class_probabilities(b.model, x))
-        out += [ShortcutSwapRow(b.records[i].file, family, float(p[present][j]), float(p[absent][j]))
+        present, absent = (_positive(class_probabilities(b.model, x)) for x in shortcuts.swapped(
+            family, rows, settings, input_size=b.x.shape[-1], channels=b.x.shape[1]))
+        out += [ShortcutSwapRow(b.records[i].file, family, float(present[j]), float(absent[j]))
                 for j, i in enumerate(have)]
     return out
 
@@ -936,7 +930,7 @@ def _context(subject: Subject, recs: list[Record], x: torch.Tensor, offset: int,
     lungs = tuple(load_mask(subject.root, r.mask, size) for r in recs)
     lesions = tuple(load_mask(subject.root, r.lesions, size) for r in recs)
     markers = tuple(_marker(subject.meta.get(r.file, {}), size, src_size) for r in recs)
-    phantoms = tuple(_phantom(subject.meta.get(r.file, {}), r, phantom, src_size) for r in recs)
+    phantoms = tuple(_phantom(subject.meta.get(r.file, {}), phantom, src_size) for r in recs)
     return Batch(offset, tuple(recs), x, targets, labels, probs, lungs, lesions, markers, {}, fns, uses, model,
                  others, phantoms)
 
@@ -980,12 +974,11 @@ def _marker(row: dict[str, str], size: int, src_size: int) -> np.ndarray | None:
     return box_mask((size, size), tuple(round(int(v) * size / src_size) for v in box.split()), pad=1)
 
 
-def _phantom(row: dict[str, str], r: Record, settings: dict[str, Any], src_size: int) -> dict[str, Any] | None:
+def _phantom(row: dict[str, str], settings: dict[str, Any], src_size: int) -> dict[str, Any] | None:
     if row.get("seed") in (None, ""):
         return None
-    return {"seed": int(row["seed"]), "covid": r.cls == "COVID", "size": int(settings.get("size", src_size)),
-            "exposure_shift": float(settings.get("exposure_shift", {}).get(r.cls, 0.0)),
-            "lesion_scale": float(settings.get("lesion_scale", 1.0)), "row": row, "settings": settings}
+    # what `data.shortcuts.redraw` needs to draw the image again: its metadata row and the dataset's settings
+    return {"row": row, "settings": {"size": src_size, **settings}}
 
 
 def _phantom_settings(root: Path) -> dict[str, Any]:
