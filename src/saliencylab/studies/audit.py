@@ -1026,7 +1026,7 @@ class Thumb:
 
 
 def _most_telling(kept: list[Thumb], b: Batch, flag_rows: list[Any], classes: Sequence[str],
-                  k: int = 8) -> list[Thumb]:
+                  k: int = 6) -> list[Thumb]:
     """The `k` flagged images with the largest excess over chance so far, one per image (its most telling
     method)."""
     best: dict[str, Any] = {}
@@ -1039,12 +1039,19 @@ def _most_telling(kept: list[Thumb], b: Batch, flag_rows: list[Any], classes: Se
             continue
         i = b.files.index(f)
         label = "" if b.labels is None else f"label {classes[int(b.labels[i])]}, "
-        p = float(b.probs[i, 1]) if b.probs.shape[1] == 2 else float(b.probs[i].max())
-        pred = classes[int(b.probs[i].argmax())] if len(classes) == b.probs.shape[1] else str(int(b.probs[i].argmax()))
-        what = (f"{100 * (r.marker_excess + float(b.markers[i].mean())):.0f}% on marker" if "marker" in r.reasons
-                else f"{100 * (float(b.lungs[i].mean()) - r.lung_deficit):.0f}% in lungs")
+        if b.probs.shape[1] == 2:  # the positive class's probability, as Figure 3
+            pred = f"predicted {float(b.probs[i, 1]):.2f}"
+        else:
+            top = int(b.probs[i].argmax())
+            pred = f"predicted {classes[top] if top < len(classes) else top} {float(b.probs[i, top]):.2f}"
+        if "marker" in r.reasons:
+            share = float(b.markers[i].mean())
+            what = f"{100 * (r.marker_excess + share):.0f}% on marker (area {100 * share:.0f}%)"
+        else:
+            share = float(b.lungs[i].mean())
+            what = f"{100 * (share - r.lung_deficit):.0f}% in lungs (area {100 * share:.0f}%)"
         kept.append(Thumb(r.score, _display(b.x[i]), b.maps[r.method][i].numpy(), b.lungs[i], b.markers[i], f,
-                          r.method, r.reasons, f"{label}predicted {pred} {p:.2f}\n{r.method}: {what}"))
+                          r.method, r.reasons, f"{label}{pred}\n{r.method}: {what}"))
     return sorted(kept, key=lambda t: -t.score)[:k]
 
 
@@ -1280,7 +1287,7 @@ def _figures(out: Path, result: Mapping[str, Any], thumbs: list[Thumb], first: s
             flagged_figure(thumbs, out / "flagged.png")
 
 
-def flagged_figure(thumbs: Sequence[Thumb], path: Path, *, columns: int = 4) -> None:
+def flagged_figure(thumbs: Sequence[Thumb], path: Path, *, columns: int = 3) -> None:
     """The most telling flagged images (at most 2 rows of `columns`), lungs outlined in green and the marker's
     box in red; each title says the label, the prediction and what flags the image."""
     import matplotlib.pyplot as plt
@@ -1290,7 +1297,7 @@ def flagged_figure(thumbs: Sequence[Thumb], path: Path, *, columns: int = 4) -> 
 
     cols = min(columns, len(thumbs))
     rows = math.ceil(len(thumbs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.15 * cols, 2.75 * rows + 0.5), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(max(2.8 * cols, 5.6), 3.2 * rows + 0.4), squeeze=False,
                              layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
@@ -1302,7 +1309,8 @@ def flagged_figure(thumbs: Sequence[Thumb], path: Path, *, columns: int = 4) -> 
             rgb[find_boundaries(t.marker)] = (255, 40, 40)
         ax.imshow(rgb)
         ax.set_title(f"{Path(t.file).name}\n{t.caption}", fontsize=9)
-    fig.suptitle("Flagged: saliency on the marker (red box) or outside the lungs (green) beyond chance", fontsize=10)
+    fig.suptitle("Flagged: saliency on the marker (red box) or outside\nthe lungs (green outline) beyond chance",
+                 fontsize=10)
     save_figure(fig, path, tight=False)
 
 
