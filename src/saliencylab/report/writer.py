@@ -81,7 +81,10 @@ def _run_info(run: Path) -> dict[str, Any]:
     data_meta = Path(config["data"]) / "metadata.csv" if config.get("data") else run / "no-data"
     data_dirs = [Path(d) for d in [config.get("data"), (source or {}).get("data"), (audit or {}).get("data"),
                                    *(ev["metrics"].get("data") for ev in evals)] if d]
-    return {"name": run.name, "path": str(run), "config": config, "source": source, "evals": evals,
+    # an audit (or evaluation) folder on its own is named after the model it judges
+    origin = (audit or {}).get("run") if audit_dir == run else None
+    return {"name": Path(origin).name if origin else run.name, "path": str(run), "config": config, "source": source,
+            "evals": evals,
             "phantoms": any((d / "phantoms.json").is_file() for d in data_dirs),
             "failing": failing, "unjudged": unjudged, "flag_rule": rule,
             "history": _png(run / "history.png"), "audit": audit, "readings": readings,
