@@ -334,6 +334,7 @@ class FlagRow:
     marker_excess: float
     marker_null: float
     lung_deficit: float
+    lung_null: float
 
 
 def _flags_summary(rows: list[FlagRow], cfg: AuditConfig) -> dict[str, Any]:
@@ -346,13 +347,14 @@ def _flags_summary(rows: list[FlagRow], cfg: AuditConfig) -> dict[str, Any]:
 @register_check("flags", summarise=_flags_summary)
 def flags(b: Batch, cfg: AuditConfig) -> list[FlagRow]:
     """Flag images whose saliency falls on the marker beyond every marker-sized box at a random position (and
-    1 point above the marker's share), or outside the lungs 10 points beyond a random map's share."""
+    1 point above the marker's share), or outside the lungs 10 points beyond a random map's share and beyond
+    the same map moved to any random place."""
     rows = []
     for name, m in b.maps.items():
         for i, f in enumerate(b.files):
             got = verdicts.flag_image(m[i].numpy(), b.lungs[i], b.markers[i], seed=cfg.seed + b.offset + i)
             rows.append(FlagRow(f, name, " ".join(got.reasons), got.score, got.marker_excess, got.marker_null,
-                                got.lung_deficit))
+                                got.lung_deficit, got.lung_null))
     return rows
 
 

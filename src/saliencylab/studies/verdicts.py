@@ -9,7 +9,9 @@ random minus map, since a lower deletion area is better; insertion: map minus ra
 Flagging (`flag_image`) marks an image whose saliency sits off the anatomy more than chance allows: on the
 marker when the marker's box holds more of the map than the same box at any of `FLAG_BOXES` random positions
 of that image and at least `FLAG_MARKER_EXCESS` above its area's share; outside the lungs when the lungs hold
-`FLAG_LUNG_DEFICIT` less of the map than their area's share (a random map puts its area's share inside).
+`FLAG_LUNG_DEFICIT` less of the map than their area's share (a random map puts its area's share inside) and less
+than the same map moved to any of `FLAG_BOXES` random places (wrapping around), so that a coarse map whose blob
+falls off the lungs by its size alone is not flagged.
 """
 
 from __future__ import annotations
@@ -125,6 +127,25 @@ def box_null(saliency: np.ndarray, box: np.ndarray, *, n: int = FLAG_BOXES, seed
     return sums / total
 
 
+def shift_null(saliency: np.ndarray, region: np.ndarray, *, n: int = FLAG_BOXES, seed: int = 0) -> np.ndarray:
+    """Share of |saliency| inside `region` when the map is moved (wrapping around) by `n` seeded random offsets.
+
+    Args:
+        saliency: (H, W) map; region: (H, W) boolean mask.
+    Returns:
+        (n,) shares in [0, 1] (NaN for a zero map).
+    """
+    a = np.abs(np.asarray(saliency, dtype=np.float64))
+    total = a.sum()
+    if total <= 0:
+        return np.full(n, math.nan)
+    rng = np.random.default_rng(seed)
+    dy = rng.integers(1, a.shape[0], size=n)  # never the map where it is
+    dx = rng.integers(0, a.shape[1], size=n)
+    moved = [np.roll(a, (int(y), int(x)), axis=(0, 1))[region].sum() for y, x in zip(dy, dx, strict=True)]
+    return np.array(moved) / total
+
+
 @dataclass(frozen=True)
 class Flag:
     """Why one image is flagged for one method (`reasons` empty: not flagged).
@@ -134,6 +155,7 @@ class Flag:
         marker_excess: marker mass minus the marker's share (NaN without a marker).
         marker_null: the largest share of the map in a marker-sized box at a random position.
         lung_deficit: the lungs' share of the image minus the map's mass inside them (NaN without lungs).
+        lung_null: the smallest mass inside the lungs of the map moved to a random place.
     """
 
     reasons: tuple[str, ...]
@@ -141,6 +163,7 @@ class Flag:
     marker_excess: float
     marker_null: float
     lung_deficit: float
+    lung_null: float = math.nan
 
 
 def flag_image(saliency: np.ndarray, lungs: np.ndarray | None, marker: np.ndarray | None, *,
@@ -150,7 +173,7 @@ def flag_image(saliency: np.ndarray, lungs: np.ndarray | None, marker: np.ndarra
     from saliencylab.metrics.localisation import mass_inside
 
     reasons = []
-    m_excess = m_null = l_deficit = math.nan
+    m_excess = m_null = l_deficit = l_null = math.nan
     a = np.abs(np.asarray(saliency, dtype=np.float64))
     if marker is not None and marker.any() and a.sum() > 0:
         mass = float(a[marker].sum() / a.sum())
@@ -160,11 +183,13 @@ def flag_image(saliency: np.ndarray, lungs: np.ndarray | None, marker: np.ndarra
         if m_excess >= FLAG_MARKER_EXCESS and mass > m_null:
             reasons.append("marker")
     if lungs is not None and lungs.any() and a.sum() > 0:
-        l_deficit = float(lungs.mean()) - float(mass_inside(a, lungs))
-        if l_deficit >= FLAG_LUNG_DEFICIT:
+        mass = float(mass_inside(a, lungs))
+        l_deficit = float(lungs.mean()) - mass
+        l_null = float(np.nanmin(shift_null(a, lungs, seed=seed)))
+        if l_deficit >= FLAG_LUNG_DEFICIT and mass < l_null:
             reasons.append("outside lungs")
     score = max((v for v in (m_excess, l_deficit) if math.isfinite(v)), default=math.nan)
-    return Flag(tuple(reasons), score, m_excess, m_null, l_deficit)
+    return Flag(tuple(reasons), score, m_excess, m_null, l_deficit, l_null)
 
 
 # ------------------------------------------------------------------------------------------------ words
