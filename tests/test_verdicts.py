@@ -181,5 +181,15 @@ def test_flags_against_the_chance_level():
     elsewhere[marker] = 2.0
     elsewhere[20:26, 10:20] = 8.0
     assert "marker" not in verdicts.flag_image(elsewhere, None, marker).reasons
+    # the outside-lung rule is conservative: a coarse random map (4x4 cells) that misses the lungs by its cells'
+    # luck is not flagged, nor is a compact blob between the lungs (moved at random it lands off them as often)
+    two = np.zeros((side, side), bool)
+    two[6:28, 3:13] = two[6:28, 19:29] = True
+    yy, xx = np.mgrid[:side, :side]
+    between = np.exp(-((yy - 17) ** 2 + (xx - 16) ** 2) / 8.0)
+    got = verdicts.flag_image(between, two, None)
+    assert got.reasons == () and got.lung_deficit > 0.25 and got.lung_null < 0.01
+    coarse = np.kron(np.random.default_rng(4).random((4, 4)), np.ones((8, 8)))
+    assert verdicts.flag_image(coarse, two, None).reasons == ()
     null = verdicts.box_null(on_marker, marker, n=50, seed=1)
     assert null.shape == (50,) and np.all((null > 0) & (null < 1))
