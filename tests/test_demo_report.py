@@ -106,7 +106,7 @@ def test_report_in_a_real_browser(demo, tmp_path):
         assert cell.text == f"{metrics['balanced_accuracy']['value']:.3f}"
         audit = json.loads((demo / "runs/shortcut/audit/audit.json").read_text())
         mass = browser.find_element("css selector", 'table[data-audit="shortcut"] tr[data-method="vanilla"] '
-                                                    'td[data-metric="lung_mass"]')
+                                                    '[data-metric="lung_mass"]')
         assert mass.text == f"{100 * audit['methods']['vanilla']['lung_mass']:.0f}%"
         flips = browser.find_element("css selector", 'span[data-metric="marker_flips"][data-run="shortcut"]')
         assert flips.text == str(audit["probes"]["marker_swap"]["flips"])
@@ -155,7 +155,7 @@ def test_figure3_titles_say_label_and_prediction(demo):
     metrics = json.loads((demo / "runs/shortcut/eval/metrics.json").read_text())
     assert metrics["figure3"]["images"], "the quick demo's Figure 3 shows images"
     html = (demo / "report.html").read_text()
-    assert 'figure3 for shortcut eval' in html and 'gives the true class ("label")' in html
+    assert 'figure 3 for shortcut eval' in html and 'gives the true class ("label")' in html
     src = (ROOT / "src/saliencylab/studies/cxr.py").read_text()
     assert 'f"{Path(rec.file).name}\\nlabel {name}, predicted {probs[i]:.2f}"' in src
 
@@ -180,7 +180,7 @@ def test_audit_report_at_900_px(demo):
             "[i.alt, i.naturalWidth, i.getBoundingClientRect().width]);")
         assert len(figs) >= 4, figs  # localisation, sanity (per model) and the flagged images
         for alt, natural, shown in figs:
-            assert natural <= 860 and abs(shown - natural) <= 1, (alt, natural, shown)
+            assert natural <= 860 and abs(shown - natural) <= 2, (alt, natural, shown)  # 2: the 1 px borders
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         audit = browser.find_element("id", "audit")
         browser.execute_script("arguments[0].scrollIntoView();", audit)
