@@ -57,7 +57,7 @@ def randomise(module: nn.Module, seed: int) -> None:
 
 def _reset(module: nn.Module, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's global state is untouched
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
             if isinstance(module, nn.modules.batchnorm._NormBase) and module.affine:
