@@ -216,14 +216,15 @@ def _setting(clf: Any, model_name: str, b: int, dev: torch.device, cfg: dict[str
 
     from saliencylab.methods import get_method, resolve_target
     from saliencylab.methods._common import layer_by_name, record_passes
+    from saliencylab.models import find_cam_layer
     from saliencylab.precision import precision
 
     model = clf.module.eval()
-    layer = layer_by_name(model, clf.cam_layer)
-    gcam = GradCAM(model=model, target_layers=[layer])
     size, rounds, win, stride, n_windows = cfg["size"], cfg["rounds"], cfg["win"], cfg["stride"], cfg["n_windows"]
     n_sg, n_ig, n_rise = cfg["n_sg"], cfg["n_ig"], cfg["n_rise"]
     x = torch.rand(b, clf.channels, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
+    layer = layer_by_name(model, clf.cam_layer or find_cam_layer(model, x))
+    gcam = GradCAM(model=model, target_layers=[layer])
     with precision("fp32", dev):
         t = resolve_target(model, x)
     sigma = 0.15 * float(x.max() - x.min())
