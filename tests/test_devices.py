@@ -137,16 +137,25 @@ def test_cuda_passes_probe_one_copy_then_fill_the_budget(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000 * mb, 80_000 * mb))
-    with record_passes() as log:
+
+    def run(work: int, key: tuple | None = None, probe_peak: int = 150 * mb) -> list[tuple[int, int]]:
         got = []
-        for rng in passes(40, None, 2, torch.device("cuda")):
+        for rng in passes(work, None, 2, torch.device("cuda"), key=key):
             if not got:
-                state["peak"] = 150 * mb  # the probe pass took 100 MB above what was allocated before it
+                state["peak"] = probe_peak  # the probe pass took 100 MB above what was allocated before it
             got.append(rng)
+        return got
+
+    monkeypatch.setattr(_common, "_BYTES_PER_COPY", {})
+    with record_passes() as log:
+        got = run(40)
     assert got == [(0, 1), (1, 6), (6, 11), (11, 16), (16, 21), (21, 26), (26, 31), (31, 36), (36, 40)]
     assert log == [PassChoice("cuda-memory", 2, 5)] and log[0].samples == 10
+    assert run(12, key=("model", "smoothgrad")) == [(0, 1), (1, 6), (6, 11), (11, 12)]  # probes, remembers
+    # a probe now would say nothing fits: the remembered 100 MB per copy is used, with no probe pass
+    assert run(12, key=("model", "smoothgrad"), probe_peak=10 ** 12) == [(0, 5), (5, 10), (10, 12)]
     monkeypatch.setattr(_common, "PASS_CAP", 6)  # 3 copies of 2 images
-    assert list(passes(7, None, 2, torch.device("cuda")))[1:] == [(1, 4), (4, 7)]
+    assert run(7) == [(0, 1), (1, 4), (4, 7)]
 
 
 def test_cpu_picks_the_cpu_rule_and_an_explicit_batch_size_wins(tiny, x_small):

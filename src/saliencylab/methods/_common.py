@@ -127,32 +127,47 @@ def cuda_copies(free_bytes: int, bytes_per_copy: int, work: int, cap: int) -> in
     return max(1, min(fit, int(work), int(cap)))
 
 
-def passes(work: int, batch_size: int | None, images: int, device: torch.device) -> Iterator[tuple[int, int]]:
+_BYTES_PER_COPY: dict[tuple[Any, ...], int] = {}
+"""Measured peak bytes of one copy per (model id, method, input shape, dtype, device): later calls skip the probe."""
+
+
+def passes(work: int, batch_size: int | None, images: int, device: torch.device,
+           key: tuple[Any, ...] | None = None) -> Iterator[tuple[int, int]]:
     """(start, stop) ranges of perturbed copies, one per forward pass, covering range(work).
 
     An explicit `batch_size` wins (`per_pass`). With None: on a CPU one copy per pass; on CUDA a first
-    pass of one copy measures the peak memory of a copy, then the rest goes in passes of `cuda_copies`.
-    The choice is added to `record_passes`' list when one is open.
+    pass of one copy measures the peak memory of a copy (remembered under `key`, e.g. (id(model), method,
+    x.shape, x.dtype), so that the next call with the same key needs no probe), then the rest goes in
+    passes of `cuda_copies`. The choice is added to `record_passes`' list when one is open.
     """
     log = _RECORDS.get()
     if batch_size is not None or device.type != "cuda" or work <= 1:
         k = per_pass(batch_size, images)
         if log is not None:
-            log.append(PassChoice("explicit" if batch_size is not None else "cpu", images, k))
+            rule = "explicit" if batch_size is not None else "cpu" if device.type != "cuda" else "cuda-memory"
+            log.append(PassChoice(rule, images, k))
         yield from chunks(work, k)
         return
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    yield 0, 1  # the probe: a real pass of one copy
-    torch.cuda.synchronize(device)
-    per_copy = torch.cuda.max_memory_allocated(device) - before
+    cache_key = None if key is None else (*key, str(device), torch.is_autocast_enabled(device.type))
+    done = 0
+    if cache_key is None or cache_key not in _BYTES_PER_COPY:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield 0, 1  # the probe: a real pass of one copy
+        torch.cuda.synchronize(device)
+        per_copy = torch.cuda.max_memory_allocated(device) - before
+        if cache_key is not None:
+            _BYTES_PER_COPY[cache_key] = per_copy
+        done = 1
+    else:
+        per_copy = _BYTES_PER_COPY[cache_key]
     free, _total = torch.cuda.mem_get_info(device)
-    k = cuda_copies(free, per_copy, work - 1, max(1, PASS_CAP // max(1, images)))
+    k = cuda_copies(free, per_copy, work - done, max(1, PASS_CAP // max(1, images)))
     if log is not None:
         log.append(PassChoice("cuda-memory", images, k))
-    for start, stop in chunks(work - 1, k):
-        yield start + 1, stop + 1
+    for start, stop in chunks(work - done, k):
+        yield start + done, stop + done
 
 
 def normal_draws(seed: int, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:

@@ -77,7 +77,8 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
     draws = normal_draws(seed, tuple(x.shape[1:]))
     total = torch.zeros_like(x)
     with eval_mode(model):
-        for start, stop in passes(n_samples, batch_size, b, x.device):
+        for start, stop in passes(n_samples, batch_size, b, x.device,
+                                      key=(id(model), "smoothgrad", tuple(x.shape), x.dtype)):
             n = stop - start
             noise = torch.stack([next(draws) for _ in range(n)]).to(x.device, x.dtype)  # (n, C, *spatial)
             noisy = (x.detach().unsqueeze(0) + sigma.unsqueeze(0) * noise.unsqueeze(1)).reshape(n * b, *x.shape[1:])
@@ -167,7 +168,8 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
     alphas, weights = alphas.to(x.device, x.dtype).view(shape), weights.to(x.device, x.dtype).view(shape)
     total = torch.zeros_like(x)
     with eval_mode(model):
-        for start, stop in passes(n_steps, batch_size, b, x.device):
+        for start, stop in passes(n_steps, batch_size, b, x.device,
+                                      key=(id(model), "integrated_gradients", tuple(x.shape), x.dtype)):
             n = stop - start
             points = (x0.unsqueeze(0) + alphas[start:stop] * delta.unsqueeze(0)).reshape(n * b, *x.shape[1:])
             grad = input_gradient(model, points, target.repeat(n)).reshape(n, *x.shape)

@@ -55,7 +55,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
     counts = torch.zeros(tuple(spatial), dtype=x.dtype, device=x.device)
     with eval_mode(model), torch.inference_mode():
         base = target_score(model(x), target)
-        for lo, hi in passes(len(positions), batch_size, b, x.device):
+        for lo, hi in passes(len(positions), batch_size, b, x.device,
+                                 key=(id(model), "occlusion", tuple(x.shape), x.dtype)):
             batch = x.unsqueeze(0).repeat(hi - lo, *([1] * x.ndim))  # (P, B, C, *spatial)
             for i, pos in enumerate(positions[lo:hi]):
                 sl = (i, slice(None), slice(None)) + tuple(slice(p, p + w) for p, w in zip(pos, win, strict=True))
@@ -101,7 +102,8 @@ def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Co
     shifts = torch.minimum(shifts, torch.tensor(cell) - 1).tolist()  # (N, d), shift i in [0, cell_i)
     total = torch.zeros((b, *spatial), dtype=x.dtype, device=x.device)
     with eval_mode(model), torch.inference_mode():
-        for lo, hi in passes(n_masks, batch_size, b, x.device):
+        for lo, hi in passes(n_masks, batch_size, b, x.device,
+                                 key=(id(model), "rise", tuple(x.shape), x.dtype)):
             n = hi - lo
             big = resize(keep[lo:hi].to(x.device, x.dtype), up)  # (n, 1, *up)
             masks = torch.stack([
