@@ -36,7 +36,7 @@ def batched(images: Iterator[LoadedImage], size: int) -> Iterator[list[LoadedIma
 def probabilities(clf: Classifier, x: torch.Tensor) -> torch.Tensor:
     """Class probabilities [B, K]: softmax, or (1 - p, p) from a single-logit sigmoid head."""
     with torch.inference_mode():
-        logits = clf.module(x)
+        logits = clf.module(x).float()  # float32 also under bf16 autocast
     if logits.shape[1] == 1:
         p = torch.sigmoid(logits[:, 0])
         return torch.stack([1 - p, p], dim=1)
