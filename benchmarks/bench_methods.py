@@ -192,20 +192,25 @@ def device_table(args: argparse.Namespace) -> None:
            "rounds": rounds, "size": size}
     for model_name in ("efficientnet_lite0", "vgg16"):
         clf = load_model(model_name, weights="random", device=dev, input_size=size)
-        for b in batches:
+        for b in batches[:1] if quick and model_name == "vgg16" else batches:  # --quick: VGG16 at 1 image only
             for row in _setting(clf, model_name, b, dev, cfg):
                 rows.append(row)
                 print(_line(row), flush=True)
+                if args.json:  # after every row: a run cut short keeps what it measured
+                    _write(args.json, {"device": str(dev), "torch": torch.__version__, "quick": quick, "size": size,
+                                       "rounds": rounds, "threads": torch.get_num_threads(), "rows": rows})
         clf = None
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    if args.json:
-        from pathlib import Path
 
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"device": str(dev), "torch": torch.__version__, "quick": quick, "size": size,
-                       "rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+
+def _write(path: str, payload: dict[str, object]) -> None:
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
 
 
 def _setting(clf: Any, model_name: str, b: int, dev: torch.device, cfg: dict[str, int]) -> list[dict[str, object]]:
