@@ -12,6 +12,9 @@ computed from the available cores. Nothing here imports torch.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import math
 import os
 import signal
@@ -19,6 +22,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from saliencylab.errors import UserError
 
@@ -161,9 +165,39 @@ def configure(flag: int | None = None) -> ThreadChoice:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["OMP_NUM_THREADS"] = str(choice.threads)
     torch = sys.modules.get("torch")
-    if torch is not None and torch.get_num_threads() != choice.threads:
-        torch.set_num_threads(choice.threads)
+    if torch is not None:
+        if torch.get_num_threads() != choice.threads:
+            torch.set_num_threads(choice.threads)
+    elif not any(isinstance(f, _SetThreadsOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SetThreadsOnImport(choice.threads))
     return choice
+
+
+class _SetThreadsOnImport(importlib.abc.MetaPathFinder):
+    """Calls `torch.set_num_threads(n)` right after torch is first imported, wherever that happens.
+
+    OMP_NUM_THREADS alone is not enough: torch caps its default at the physical cores, so `--threads 3` on two
+    cores would silently run 2. Commands import torch lazily (help stays fast), hence a hook, not an import.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("torch")
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run, threads = spec.loader.exec_module, self.threads
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            module.set_num_threads(threads)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
 
 
 def worker_init() -> None:
