@@ -13,9 +13,10 @@ from typing import Any, TypeVar
 
 import typer
 
+from saliencylab.clihelp import HelpTyper
 from saliencylab.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+app = HelpTyper(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="What did the image classifier look at, and can we trust that?")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,6 +48,8 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted; nothing partial was written", err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `saliencylab methods --json | head`: the reader left; stop quietly
+            raise typer.Exit(quiet_broken_pipe()) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as err:
@@ -57,6 +60,17 @@ def friendly(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def quiet_broken_pipe() -> int:
+    """After a BrokenPipeError on stdout: point stdout at /dev/null so that the interpreter's last flush
+    cannot raise again, and return the exit status of a process ended by SIGPIPE (141), as `yes | head` does."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (a test runner's buffer)
+        pass
+    return 141
 
 
 @app.command(epilog="Examples:  saliencylab classify  ·  saliencylab classify photos/ --top-k 3 --json top.json  ·  "
@@ -453,7 +467,7 @@ def serve(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     token: str = typer.Option(None, "--token", envvar="SALIENCYLAB_TOKEN", help="require this token on every API call"),
 ) -> None:
-    """A browser workbench and HTTP API on this machine (needs `pip install saliencylab[web]`)."""
+    """A browser workbench and HTTP API on this machine (needs `pip install 'saliencylab\\[web]'`)."""
     from saliencylab.web.server import run_server
 
     run_server(host=host, port=port, models=model or ["efficientnet_lite0"], max_upload_mb=max_upload_mb,
@@ -468,13 +482,16 @@ def list_methods(as_json: bool = typer.Option(False, "--json", help="machine-rea
 
     if as_json:
         typer.echo(json.dumps({n: {"family": s.family, "paper": s.paper, "options": {
-            k: d["default"] for k, d in s.describe_options().items()}, "option_types": s.describe_options()}
+            k: d["default"] for k, d in s.describe_options().items()}, "allowed": {
+            k: d["expects"] for k, d in s.describe_options().items()}, "option_types": s.describe_options()}
             for n, s in METHODS.items()}, indent=2))
         return
+    typer.echo(f"{'METHOD':<22} {'FAMILY':<13} PAPER")
+    typer.echo(f"    {'OPTION':<14} {'DEFAULT':<16} ALLOWED VALUES   (change with --set METHOD.OPTION=VALUE)")
     for name, spec in METHODS.items():
         typer.echo(f"{name:<22} {spec.family:<13} {spec.paper}")
         for k, d in spec.describe_options().items():
-            typer.echo(f"    {k + '=' + repr(d['default']):<26} {d['expects']}")
+            typer.echo(f"    {k:<14} {d['default']!r:<16} {d['expects']}")
 
 
 @app.command("models")
@@ -489,7 +506,10 @@ def list_models() -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # `saliencylab explain --help | head`: help text written after the reader left
+        sys.exit(quiet_broken_pipe())
 
 
 if __name__ == "__main__":
