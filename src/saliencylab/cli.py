@@ -29,6 +29,8 @@ MEAN_HELP = "per-channel mean the model subtracts from pixels in [0, 1], e.g. 0.
 STD_HELP = "per-channel std the model divides by, e.g. 0.229,0.224,0.225"
 CLASSES_HELP = "class names, comma-separated, one per output (negative,positive for one logit)"
 CLASSES_FILE_HELP = "a text file of class names, one per line"
+FRAME_HELP = ("which frame of a multi-frame DICOM: a number (1 is the first) or all (one image per frame, named "
+              "file.dcm#frame=K); default: the first, with a note")
 WEIGHTS_HELP = "a weights file (state dict) for the model; 'random' for an untrained one"
 DATA_HELP = ("labelled images: a dataset folder (<class>/images + <class>/masks, <class>/*.png) or a CSV of "
              "file,label[,mask][,group] (default: the run's own test split)")
@@ -86,6 +88,7 @@ def classify(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per forward pass"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
+    frame: str = typer.Option(None, "--frame", help=FRAME_HELP),
     input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
     channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
@@ -95,6 +98,7 @@ def classify(
 ) -> None:
     """Classify images and print the top-k classes with probabilities (the article's Table 1)."""
     from saliencylab.data import expand_inputs
+    from saliencylab.data.images import parse_frame
     from saliencylab.fsutil import check_output_file, write_json
     from saliencylab.models import load_model, preprocessing_kwargs
     from saliencylab.studies.photos import classify as run
@@ -102,7 +106,7 @@ def classify(
 
     if json_path is not None:
         check_output_file(json_path, "--json")
-    sources = expand_inputs(inputs or [])
+    sources = expand_inputs(inputs or [], frame=parse_frame(frame))
     clf = load_model(model, weights=weights, device=device,
                      **preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file))
     skipped: list[tuple[str, str]] = []
@@ -156,6 +160,7 @@ def explain(
     cmap: str = typer.Option(None, "--cmap", help="matplotlib colormap (default inferno; bwr for signed)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
+    frame: str = typer.Option(None, "--frame", help=FRAME_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
     input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
     channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
@@ -166,6 +171,7 @@ def explain(
 ) -> None:
     """Draw saliency maps over images: overlays (PNG), raw maps (.npy), a figure grid and results.json."""
     from saliencylab.data import expand_inputs
+    from saliencylab.data.images import parse_frame
     from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
     from saliencylab.methods.registry import parse_method_options
@@ -186,7 +192,7 @@ def explain(
     specs = parse_methods(methods)
     options = parse_method_options(set_options or [], specs, method_batch_size)
     check_output_dir(out, "--out", beside=True)
-    sources = expand_inputs(inputs or [])
+    sources = expand_inputs(inputs or [], frame=parse_frame(frame))
     model_kwargs = preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file)
     clf = load_model(model, weights=weights, device=device, **model_kwargs)
     if methods.strip() == "all":  # every method that applies to this model (rollout needs a transformer, ...)
