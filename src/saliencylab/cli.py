@@ -223,7 +223,8 @@ def phantoms(
     size: int = typer.Option(256, "--size", min=32, help="image side in pixels"),
     seed: int = typer.Option(0, "--seed", help="every image's seed derives from it"),
     marker_rate: str = typer.Option("0.5", "--marker-rate",
-                                    help="lead marker rate per class ('L' on the patient's left, image right; or 'R'), CLASS=RATE,... (equal rates: no shortcut)"),
+                                    help="lead marker rate per class ('L' on the patient's left, the image's right; or "
+                                         "'R'), CLASS=RATE,... (equal rates: no shortcut)"),
     exposure_shift: str = typer.Option("0", "--exposure-shift", help="brightness shift per class, CLASS=SHIFT,..."),
     lesion_scale: float = typer.Option(1.0, "--lesion-scale", min=0.0, help="lesion opacity multiplier"),
     workers: int = typer.Option(0, "--workers", min=0, help="processes (0: all cores)"),
