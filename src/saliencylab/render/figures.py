@@ -76,19 +76,25 @@ def grid_figure(rows: Sequence[GridRow], columns: Sequence[str], *, alpha: float
                              figsize=(cell_inches * n_cols + 1.0, row_inches * max(1, len(rows)) * lines))
     signed = any(float(np.min(m)) < 0 for row in rows for m in row.maps)
     cmap = cmap or (SIGNED_CMAP if signed else DEFAULT_CMAP)
-    for ax in axes.ravel():
-        ax.set_axis_off()
+    used = np.zeros(axes.shape, bool)
     for r, row in enumerate(rows):
         ax = axes[r * lines, 0]
+        used[r * lines, 0] = True
         ax.imshow(to_uint8(row.image))
         ax.set_title(_caption(row.title), fontsize=9)
         for c, m in enumerate(row.maps):
             ax = axes[r * lines + c // per_row, 1 + c % per_row]
+            used[r * lines + c // per_row, 1 + c % per_row] = True
             ax.imshow(overlay(row.image, m, alpha=alpha, cmap=cmap))
             if r == 0 or lines > 1:  # wrapped rows need their own titles
                 ax.set_title(_caption(columns[c], 22), fontsize=10, fontweight="bold")
+    for ax, keep in zip(axes.ravel(), used.ravel(), strict=True):
+        if keep:
+            ax.set_axis_off()
+        else:
+            fig.delaxes(ax)  # empty cells of a wrapped row: fewer axes for the layout to place
     norm = matplotlib.colors.Normalize(-1 if signed else 0, 1)
-    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(),
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[used].tolist(),
                        shrink=min(0.9, 0.5 + 0.1 * axes.shape[0]), aspect=25, pad=0.02,
                        ticks=[-1, 0, 1] if signed else [0, 0.5, 1])
     bar.set_label("normalised saliency", fontsize=9)
