@@ -95,7 +95,7 @@ def grid_figure(rows: Sequence[GridRow], columns: Sequence[str], *, alpha: float
             fig.delaxes(ax)  # empty cells of a wrapped row: fewer axes for the layout to place
     norm = matplotlib.colors.Normalize(-1 if signed else 0, 1)
     bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[used].tolist(),
-                       shrink=min(0.9, 0.5 + 0.1 * axes.shape[0]), aspect=25, pad=0.02,
+                       shrink=min(0.9, 4.5 / fig.get_figheight()), aspect=20, pad=0.02, anchor=(0.0, 1.0),
                        ticks=[-1, 0, 1] if signed else [0, 0.5, 1])
     bar.set_label("normalised saliency", fontsize=9)
     bar.ax.tick_params(labelsize=8)
