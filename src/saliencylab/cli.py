@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import typer
 
-from saliencylab.dist import world
 from saliencylab.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -275,6 +274,8 @@ def train(
                       group_column=group_column, max_minutes=max_minutes)
     summary = run(cfg, out, resume=resume, device=str(resolve_device(device)), progress=progress,
                   log=typer.echo)
+    from saliencylab.dist import world
+
     if not world().main:  # under torchrun, rank 0 speaks
         return
     typer.echo(f"best validation loss {summary['best_val_loss']:.4f}; checkpoint {out / 'best.pt'}")
@@ -325,6 +326,8 @@ def evaluate(
                        n_per_side=per_side, low=low, high=high, seed=seed, batch_size=batch_size, progress=progress,
                        log=lambda line: typer.echo(line, err=True),
                        model_kwargs=preprocessing_kwargs(input_size, channels, mean, std))
+    from saliencylab.dist import world
+
     if not world().main:  # under torchrun, rank 0 speaks
         return
     typer.echo(f"{metrics['scope']} of {metrics['data']}: {metrics['n']} images"
@@ -387,6 +390,8 @@ def audit(
                        faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,
                        smprt=smprt, seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo,
                        model_kwargs=preprocessing_kwargs(input_size, channels, mean, std))
+    from saliencylab.dist import world
+
     if not world().main:  # under torchrun, rank 0 speaks
         return
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))

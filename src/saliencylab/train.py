@@ -4,6 +4,7 @@ validation loss, resumable and seeded. Images are decoded once into an in-memory
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -372,8 +373,10 @@ def _ddp_model(clf: Classifier, w: World, dev: torch.device, log: Any) -> torch.
         log(f"note: {len(others)} batch-norm layers ({type(clf.module.get_submodule(others[0])).__name__}) keep "
             "per-process statistics on CPU: losses differ a little from one process")
     ids = [dev.index] if dev.type == "cuda" else None
-    return DistributedDataParallel(clf.module, device_ids=ids, output_device=dev.index if ids else None,
-                                   broadcast_buffers=False)
+    # the running statistics are the same on every rank (global batch): no buffer broadcast per forward
+    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel).parameters else {"broadcast_buffers": False}
+    return DistributedDataParallel(clf.module, device_ids=ids, output_device=dev.index if ids else None, **sync)
 
 
 def _val_logits(clf: Classifier, cache: np.ndarray, va: np.ndarray, w: World, batch_size: int = 128) -> np.ndarray:
