@@ -68,8 +68,10 @@ def test_no_shards_starts_nothing():
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SALIENCYLAB_RAY_TEST") != "1",
                     reason="Ray listens on all interfaces: run by hand with SALIENCYLAB_RAY_TEST=1")
-def test_ray_actor_pool_equals_a_plain_loop_and_resumes(tmp_path):
+def test_ray_actor_pool_equals_a_plain_loop_and_resumes(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
+    # Ray's workers unpickle the shard functions by module name: they need this folder on their path
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     plain, pooled = tmp_path / "plain", tmp_path / "ray"
     plain.mkdir()
     pooled.mkdir()
