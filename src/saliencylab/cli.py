@@ -412,10 +412,6 @@ def audit(
                        faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,
                        smprt=smprt, seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo,
                        model_kwargs=preprocessing_kwargs(input_size, channels, mean, std))
-    from saliencylab.dist import world
-
-    if not world().main:  # under torchrun, rank 0 speaks
-        return
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
     typer.echo(f"wrote {result['out']}/audit.json, audit_images.csv, flagged.csv, unreadable.json and figures")
 
