@@ -323,6 +323,10 @@ def train(
                       group_column=group_column, max_minutes=max_minutes)
     summary = run(cfg, out, resume=resume, device=str(resolve_device(device)), progress=progress,
                   log=typer.echo)
+    from saliencylab.dist import world
+
+    if not world().main:  # under torchrun, rank 0 speaks
+        return
     typer.echo(f"best validation loss {summary['best_val_loss']:.4f}; checkpoint {out / 'best.pt'}")
 
 
@@ -375,6 +379,10 @@ def evaluate(
                        log=lambda line: typer.echo(line, err=True),
                        model_kwargs=preprocessing_kwargs(input_size, channels, mean, std), device=device,
                        precision=precision)
+    from saliencylab.dist import world
+
+    if not world().main:  # under torchrun, rank 0 speaks
+        return
     typer.echo(f"{metrics['scope']} of {metrics['data']}: {metrics['n']} images"
                + (f" ({metrics['unreadable']} unreadable skipped)" if metrics["unreadable"] else ""))
     for line in summary_lines(metrics):
