@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -60,6 +62,10 @@ def test_explain_writes_maps_in_the_image_grid(tmp_path):
     assert set(results["methods"]) == {"vanilla", "integrated_gradients", "gradcam", "spectral_residual"}
     assert results["methods"]["integrated_gradients"]["options"]["n_steps"] == 4
     assert results["methods"]["vanilla"]["seconds"] >= 0
+    assert results["precision"] == "fp32" and results["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert results["methods"]["vanilla"]["passes"] is None  # one pass, no sampling
+    if not torch.cuda.is_available():  # the CPU rule: one path point of the 2 images per pass
+        assert results["methods"]["integrated_gradients"]["passes"] == {"rule": "cpu", "samples_per_pass": [2]}
     fig = Image.open(out / "figure.png")
     assert fig.size[0] > fig.size[1]  # 5 columns, 2 rows
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
@@ -84,7 +90,7 @@ def test_explain_map_matches_the_method_on_the_model_input(tmp_path):
 
 def test_methods_and_models_listing():
     res = run("methods")
-    assert res.exit_code == 0 and "smoothgrad" in res.output and "n_samples=16" in res.output
+    assert res.exit_code == 0 and "smoothgrad" in res.output and re.search(r"n_samples +16 ", res.output)
     res = run("models")
     assert "efficientnet_lite0" in res.output and "vgg16" in res.output
 

@@ -13,9 +13,10 @@ from typing import Any, TypeVar
 
 import typer
 
+from saliencylab.clihelp import HelpTyper
 from saliencylab.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+app = HelpTyper(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="What did the image classifier look at, and can we trust that?")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,10 +29,30 @@ MEAN_HELP = "per-channel mean the model subtracts from pixels in [0, 1], e.g. 0.
 STD_HELP = "per-channel std the model divides by, e.g. 0.229,0.224,0.225"
 CLASSES_HELP = "class names, comma-separated, one per output (negative,positive for one logit)"
 CLASSES_FILE_HELP = "a text file of class names, one per line"
+FRAME_HELP = ("which frame of a multi-frame DICOM: a number (1 is the first) or all (one image per frame, named "
+              "file.dcm#frame=K); default: the first, with a note")
 WEIGHTS_HELP = "a weights file (state dict) for the model; 'random' for an untrained one"
 DATA_HELP = ("labelled images: a dataset folder (<class>/images + <class>/masks, <class>/*.png) or a CSV of "
              "file,label[,mask][,group] (default: the run's own test split)")
 MASKS_HELP = "a folder of lung masks, matched to the images by file name"
+DEVICE_HELP = "auto (CUDA when available), cpu or cuda"
+PRECISION_HELP = "fp32 (full float32: TF32 off), tf32, or bf16 (autocast; maps stay float32)"
+
+
+@app.callback()
+def _options(
+    threads: int = typer.Option(None, "--threads", min=1, show_default=False,
+                                help="CPU threads for torch (default: $SALIENCYLAB_THREADS, else $OMP_NUM_THREADS, "
+                                     "else the CPUs this process may use: affinity and cgroup quota)"),
+) -> None:
+    """What did the image classifier look at, and can we trust that?"""
+    from saliencylab.runtime import configure
+
+    try:
+        configure(threads)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 def friendly(fn: F) -> F:
@@ -47,6 +68,8 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted; nothing partial was written", err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `saliencylab methods --json | head`: the reader left; stop quietly
+            raise typer.Exit(quiet_broken_pipe()) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as err:
@@ -57,6 +80,17 @@ def friendly(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def quiet_broken_pipe() -> int:
+    """After a BrokenPipeError on stdout: point stdout at /dev/null so that the interpreter's last flush
+    cannot raise again, and return the exit status of a process ended by SIGPIPE (141), as `yes | head` does."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (a test runner's buffer)
+        pass
+    return 141
 
 
 @app.command(epilog="Examples:  saliencylab classify  ·  saliencylab classify photos/ --top-k 3 --json top.json  ·  "
@@ -70,8 +104,10 @@ def classify(
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="classes to list per image"),
     json_path: Path = typer.Option(None, "--json", help="also write the predictions to this JSON file"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per forward pass"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
+    frame: str = typer.Option(None, "--frame", help=FRAME_HELP),
     input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
     channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
@@ -81,27 +117,33 @@ def classify(
 ) -> None:
     """Classify images and print the top-k classes with probabilities (the article's Table 1)."""
     from saliencylab.data import expand_inputs
+    from saliencylab.data.images import parse_frame
     from saliencylab.fsutil import check_output_file, write_json
     from saliencylab.models import load_model, preprocessing_kwargs
+    from saliencylab.precision import check_precision
+    from saliencylab.precision import precision as run_at
     from saliencylab.studies.photos import classify as run
     from saliencylab.studies.photos import nothing_read
 
+    precision = check_precision(precision)
     if json_path is not None:
         check_output_file(json_path, "--json")
-    sources = expand_inputs(inputs or [])
+    sources = expand_inputs(inputs or [], frame=parse_frame(frame))
     clf = load_model(model, weights=weights, device=device,
                      **preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file))
     skipped: list[tuple[str, str]] = []
     rows = []
-    for row in run(clf, sources, k=top_k, batch_size=batch_size, skip_bad=skip_bad, skipped=skipped):
-        rows.append(row)
-        typer.echo(_table(row))
+    with run_at(precision, clf.device):
+        for row in run(clf, sources, k=top_k, batch_size=batch_size, skip_bad=skip_bad, skipped=skipped):
+            rows.append(row)
+            typer.echo(_table(row))
     for source, reason in skipped:
         typer.echo(f"skipped {source}: {reason}", err=True)
     if not rows:
         raise nothing_read(skipped)
     if json_path is not None:
-        write_json(json_path, {"model": clf.describe(), "images": rows,
+        write_json(json_path, {"model": clf.describe(), "device": str(clf.device), "precision": precision,
+                               "images": rows,
                                "skipped": [{"source": s, "reason": r} for s, r in skipped]})
         typer.echo(f"wrote {json_path}")
 
@@ -137,10 +179,13 @@ def explain(
     smooth: float = typer.Option(0.01, "--smooth", min=0.0,
                                  help="Gaussian sigma as a fraction of the longer image side (0: off; display only)"),
     sign: str = typer.Option("abs", "--sign", help="abs, positive or signed (display only)"),
-    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="overlay opacity"),
-    cmap: str = typer.Option(None, "--cmap", help="matplotlib colormap (default jet; bwr for signed)"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    alpha: float = typer.Option(0.7, "--alpha", min=0.0, max=1.0,
+                                help="overlay opacity at the map's peak (it follows the saliency; below 0.1: none)"),
+    cmap: str = typer.Option(None, "--cmap", help="matplotlib colormap (default inferno; bwr for signed)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
+    frame: str = typer.Option(None, "--frame", help=FRAME_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
     input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
     channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
@@ -151,14 +196,17 @@ def explain(
 ) -> None:
     """Draw saliency maps over images: overlays (PNG), raw maps (.npy), a figure grid and results.json."""
     from saliencylab.data import expand_inputs
+    from saliencylab.data.images import parse_frame
     from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
     from saliencylab.methods.registry import parse_method_options
     from saliencylab.models import load_model, preprocessing_kwargs
+    from saliencylab.precision import check_precision
     from saliencylab.render.maps import NORMALISE_MODES
     from saliencylab.studies.photos import DisplaySettings
     from saliencylab.studies.photos import explain as run
 
+    precision = check_precision(precision)
     if normalise not in ("auto", *NORMALISE_MODES):
         raise UserError(f"--normalise {normalise}: use auto or one of {', '.join(NORMALISE_MODES)}")
     if sign not in ("abs", "positive", "signed"):
@@ -171,7 +219,7 @@ def explain(
     specs = parse_methods(methods)
     options = parse_method_options(set_options or [], specs, method_batch_size)
     check_output_dir(out, "--out", beside=True)
-    sources = expand_inputs(inputs or [])
+    sources = expand_inputs(inputs or [], frame=parse_frame(frame))
     model_kwargs = preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file)
     clf = load_model(model, weights=weights, device=device, **model_kwargs)
     if methods.strip() == "all":  # every method that applies to this model (rollout needs a transformer, ...)
@@ -180,7 +228,7 @@ def explain(
     result = run(clf, sources, specs, out, options=options, target=target, batch_size=batch_size,
                  display=display, skip_bad=skip_bad, progress=progress,
                  command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]),
-                 model_args={"model": model, "weights": weights, **model_kwargs})
+                 model_args={"model": model, "weights": weights, **model_kwargs}, precision=precision)
     for source, reason in result.skipped:
         typer.echo(f"skipped {source}: {reason}", err=True)
     for rec in result.images:
@@ -202,7 +250,8 @@ def phantoms(
     size: int = typer.Option(256, "--size", min=32, help="image side in pixels"),
     seed: int = typer.Option(0, "--seed", help="every image's seed derives from it"),
     marker_rate: str = typer.Option("0.5", "--marker-rate",
-                                    help="'L' marker rate per class, CLASS=RATE,... (equal rates: no shortcut)"),
+                                    help="lead marker rate per class ('L' on the patient's left, the image's right; or "
+                                         "'R'), CLASS=RATE,... (equal rates: no shortcut)"),
     exposure_shift: str = typer.Option("0", "--exposure-shift", help="brightness shift per class, CLASS=SHIFT,..."),
     lesion_scale: float = typer.Option(1.0, "--lesion-scale", min=0.0, help="lesion opacity multiplier"),
     workers: int = typer.Option(0, "--workers", min=0, help="processes (0: all cores)"),
@@ -256,7 +305,7 @@ def train(
     group_column: str = typer.Option(None, "--group-column", help="metadata.csv column naming each patient"),
     max_minutes: float = typer.Option(0.0, "--max-minutes", min=0.0, help="stop after the epoch past this budget"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
     """Train a COVID-19 vs normal chest X-ray classifier (Adam, binary cross-entropy, 90/10 split)."""
@@ -274,6 +323,10 @@ def train(
                       group_column=group_column, max_minutes=max_minutes)
     summary = run(cfg, out, resume=resume, device=str(resolve_device(device)), progress=progress,
                   log=typer.echo)
+    from saliencylab.dist import world
+
+    if not world().main:  # under torchrun, rank 0 speaks
+        return
     typer.echo(f"best validation loss {summary['best_val_loss']:.4f}; checkpoint {out / 'best.pt'}")
 
 
@@ -303,6 +356,8 @@ def evaluate(
     high: float = typer.Option(0.9, "--high", help="'near 1' means p >= this"),
     seed: int = typer.Option(0, "--seed", help="picks Figure 3's images and the bootstrap resamples"),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per batch (memory stays flat)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
     """Test a model: predictions.csv, metrics.json with 95% CIs, ROC, confusion matrix, Figure 3."""
@@ -313,6 +368,7 @@ def evaluate(
     from saliencylab.studies.cxr import summary_lines
 
     parse_methods(methods)
+    device, precision = _device_and_precision(device, precision)
     if out is not None:
         check_output_dir(out, "--out")
     elif run is not None and run.is_dir():
@@ -321,7 +377,12 @@ def evaluate(
                        classes=_class_list(classes), masks=masks, n=n, threshold=threshold, out=out, methods=methods,
                        n_per_side=per_side, low=low, high=high, seed=seed, batch_size=batch_size, progress=progress,
                        log=lambda line: typer.echo(line, err=True),
-                       model_kwargs=preprocessing_kwargs(input_size, channels, mean, std))
+                       model_kwargs=preprocessing_kwargs(input_size, channels, mean, std), device=device,
+                       precision=precision)
+    from saliencylab.dist import world
+
+    if not world().main:  # under torchrun, rank 0 speaks
+        return
     typer.echo(f"{metrics['scope']} of {metrics['data']}: {metrics['n']} images"
                + (f" ({metrics['unreadable']} unreadable skipped)" if metrics["unreadable"] else ""))
     for line in summary_lines(metrics):
@@ -361,6 +422,8 @@ def audit(
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="images per batch (memory stays flat in --n)"),
     out: Path = typer.Option(None, "--out", help="output folder (default: RUN/audit or runs/<model>-<data>/audit)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
 ) -> None:
     """Measure whether the saliency maps can be trusted: localisation, sanity, faithfulness, stability, probes.
@@ -372,6 +435,7 @@ def audit(
     from saliencylab.models import preprocessing_kwargs
     from saliencylab.studies.audit import audit as run_audit
 
+    device, precision = _device_and_precision(device, precision)
     if out is not None:
         check_output_dir(out, "--out")
     elif run is not None and run.is_dir():
@@ -381,9 +445,18 @@ def audit(
                        compare=str(compare) if compare else None, sanity_images=sanity_images,
                        faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,
                        smprt=smprt, seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo,
-                       model_kwargs=preprocessing_kwargs(input_size, channels, mean, std))
+                       model_kwargs=preprocessing_kwargs(input_size, channels, mean, std), device=device,
+                       precision=precision)
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
     typer.echo(f"wrote {result['out']}/audit.json, audit_images.csv, flagged.csv, unreadable.json and figures")
+
+
+def _device_and_precision(device: str, precision: str) -> tuple[str, str]:
+    """Check --device and --precision before any work (a one-line error naming the flag)."""
+    from saliencylab.devices import choose_device
+    from saliencylab.precision import check_precision
+
+    return str(choose_device(device)), check_precision(precision)
 
 
 def _class_list(classes: str | None) -> tuple[str, ...] | None:
@@ -403,14 +476,18 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output folder"),
     quick: bool = typer.Option(False, "--quick", help="fewer, smaller phantoms and fewer samples (about a minute)"),
     force: bool = typer.Option(False, "--force", help="recompute everything instead of reusing finished stages"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
     """Run the whole article on the embedded defaults: both studies, the audit, and an HTML report."""
     from saliencylab.fsutil import check_output_dir
     from saliencylab.studies.demo import run_demo
 
+    device, precision = _device_and_precision(device, precision)
     check_output_dir(out, "--out")
-    result = run_demo(out, quick=quick, force=force, progress=progress, log=typer.echo)
+    result = run_demo(out, quick=quick, force=force, progress=progress, log=typer.echo, device=device,
+                      precision=precision)
     h = result["headline"]
     typer.echo(f"report: {result['report']}")
     lines = (("shortcut eval balanced_accuracy", "shortcut model, balanced accuracy on its own test split"),
@@ -449,10 +526,10 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01,
                                         help="largest upload, checked before decoding"),
     queue: int = typer.Option(4, "--queue", min=0, help="requests that may wait for the model (more get 503)"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     token: str = typer.Option(None, "--token", envvar="SALIENCYLAB_TOKEN", help="require this token on every API call"),
 ) -> None:
-    """A browser workbench and HTTP API on this machine (needs `pip install saliencylab[web]`)."""
+    """A browser workbench and HTTP API on this machine (needs `pip install 'saliencylab\\[web]'`)."""
     from saliencylab.web.server import run_server
 
     run_server(host=host, port=port, models=model or ["efficientnet_lite0"], max_upload_mb=max_upload_mb,
@@ -467,13 +544,16 @@ def list_methods(as_json: bool = typer.Option(False, "--json", help="machine-rea
 
     if as_json:
         typer.echo(json.dumps({n: {"family": s.family, "paper": s.paper, "options": {
-            k: d["default"] for k, d in s.describe_options().items()}, "option_types": s.describe_options()}
+            k: d["default"] for k, d in s.describe_options().items()}, "allowed": {
+            k: d["expects"] for k, d in s.describe_options().items()}, "option_types": s.describe_options()}
             for n, s in METHODS.items()}, indent=2))
         return
+    typer.echo(f"{'METHOD':<22} {'FAMILY':<13} PAPER")
+    typer.echo(f"    {'OPTION':<14} {'DEFAULT':<16} ALLOWED VALUES   (change with --set METHOD.OPTION=VALUE)")
     for name, spec in METHODS.items():
         typer.echo(f"{name:<22} {spec.family:<13} {spec.paper}")
         for k, d in spec.describe_options().items():
-            typer.echo(f"    {k + '=' + repr(d['default']):<26} {d['expects']}")
+            typer.echo(f"    {k:<14} {d['default']!r:<16} {d['expects']}")
 
 
 @app.command("models")
@@ -488,7 +568,10 @@ def list_models() -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # `saliencylab explain --help | head`: help text written after the reader left
+        sys.exit(quiet_broken_pipe())
 
 
 if __name__ == "__main__":
