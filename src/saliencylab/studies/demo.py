@@ -57,6 +57,7 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
     """
     from saliencylab.data.phantoms import PhantomConfig, generate
     from saliencylab.methods import parse_methods
+    from saliencylab.methods.convergence import ConvergenceRule
     from saliencylab.models import load_model
     from saliencylab.report.writer import write_report
     from saliencylab.studies.audit import audit
@@ -94,14 +95,19 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
     method_options = {"smoothgrad": {"n_samples": cfg.smoothgrad_samples},
                       "integrated_gradients": {"n_steps": cfg.ig_steps}}
 
+    # full demo: IG steps adapted per image until converged; --quick only reports (its 8 steps stay 8)
+    rule = ConvergenceRule(adapt=not quick)
+
     def study1() -> None:
         clf = load_model("efficientnet_lite0")
         sources = [f"sample:{n}" for n in ("chelsea", "coffee", "rocket", "motorcycle_left")]
         write_json(out / "study1" / "classify.json", {"model": clf.describe(),
                                                       "images": list(classify(clf, sources, k=5))})
         specs = parse_methods("vanilla,smoothgrad,integrated_gradients,gradcam,spectral_residual")
-        explain(clf, sources, specs, out / "study1" / "explain", progress=progress, options=method_options,
-                model_args={"model": "efficientnet_lite0", "weights": None})
+        res = explain(clf, sources, specs, out / "study1" / "explain", progress=progress, options=method_options,
+                      model_args={"model": "efficientnet_lite0", "weights": None}, convergence=rule)
+        for line in res.warnings:
+            log(f"warning: {line}")
 
     def phantoms(name: str, rates: dict[str, float]) -> Callable[[], None]:
         def fn() -> None:
