@@ -119,6 +119,11 @@ def phantoms(size: int, count: int, weights: str) -> tuple[torch.nn.Module, torc
     return clf.module, x, resolve_target(clf.module, x)
 
 
+def command(args: argparse.Namespace) -> str:
+    return "python benchmarks/bench_samplers.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subjects", default="photos,phantoms")
@@ -155,21 +160,29 @@ def main() -> None:
                 ref, most = args.rise_reference, args.rise_max
             results.append(study(subject, method, model, x, t, reference=ref, most=most, seeds=args.seeds,
                                  target=args.target, opts=opts, log=print))
+    path = Path(args.json)
+    runs = [{"command": command(args), "seconds": round(time.perf_counter() - t0, 1),
+             "studies": [f"{r['subject']}/{r['method']}" for r in results]}]
+    if path.is_file():  # keep the studies of earlier runs (one run per subject keeps each run short)
+        old = json.loads(path.read_text())
+        done = {(r["subject"], r["method"]) for r in results}
+        results = [r for r in old["results"] if (r["subject"], r["method"]) not in done] + results
+        runs = [r for r in old.get("runs", []) if set(r["studies"]) - {f"{a}/{b}" for a, b in done}] + runs
     verdicts = {}
-    for method in args.methods.split(","):
+    for method in sorted({r["method"] for r in results}):
         rows = [r for r in results if r["method"] == method]
         need = {s: [r["needed"][s] or 2 * r["max_samples"] for r in rows] for s in SAMPLERS}
         ratio = {s: math.exp(statistics.fmean(math.log(a / b) for a, b in zip(need[s], need["iid"], strict=True)))
                  for s in SAMPLERS}
         best = min(("antithetic", "sobol"), key=lambda s: ratio[s])
-        verdicts[method] = {"needed_over_iid (geometric mean over subjects)": {s: round(v, 3) for s, v in ratio.items()},
-                            "best": best, "make_default": ratio[best] <= 0.5}
-        print(f"{method}: samples needed / iid's: " + ", ".join(f"{s} {v:.2f}" for s, v in ratio.items())
+        verdicts[method] = {"needed_over_iid": {s: round(v, 3) for s, v in ratio.items()},
+                            "subjects": [r["subject"] for r in rows], "best": best, "make_default": ratio[best] <= 0.5}
+        print(f"{method}: samples needed / iid's (geometric mean over subjects): "
+              + ", ".join(f"{s} {v:.2f}" for s, v in ratio.items())
               + f" -> {'make ' + best + ' the default' if ratio[best] <= 0.5 else 'keep iid (no sampler halves it)'}")
-    out = {"command": "python benchmarks/bench_samplers.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json"),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "note": "measured on a loaded 2-core machine",
-        "seconds": round(time.perf_counter() - t0, 1), "results": results, "verdicts": verdicts}
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "note": "measured on a loaded 2-core machine; a sampler that never reached the target counts as "
+                   "twice the most samples tried", "runs": runs, "results": results, "verdicts": verdicts}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.json}")
