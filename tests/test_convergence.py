@@ -122,3 +122,35 @@ def test_rule_is_checked():
         ConvergenceRule(tolerance=0)
     with pytest.raises(ValueError, match="cap"):
         ConvergenceRule(cap=0)
+
+
+def test_explain_records_convergence_warns_on_stderr_and_in_the_report(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from saliencylab.cli import app
+    from saliencylab.report.writer import write_report
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    common = ["explain", str(tmp_path / "a.png"), "--model", "torchvision:resnet18", "--weights", "random",
+              "--input-size", "32", "--methods", "integrated_gradients,smoothgrad,vanilla", "--set",
+              "integrated_gradients.n_steps=2", "--set", "integrated_gradients.rule=riemann_left", "--set",
+              "smoothgrad.n_samples=2", "--set", "smoothgrad.noise_level=0.5"]
+    out = tmp_path / "off"
+    res = CliRunner().invoke(app, [*common, "--no-adapt", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "results.json").read_text())
+    ig = rec["images"][0]["convergence"]["integrated_gradients"]
+    assert ig["n_steps"] == 2 and not ig["adapted"]
+    assert ig["completeness_share"] == pytest.approx(abs(ig["completeness_error"] / ig["logit_gap"]))
+    assert rec["images"][0]["ig_completeness_error"] == ig["completeness_error"]
+    assert set(rec["images"][0]["convergence"]) == {"integrated_gradients", "smoothgrad"}
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
+    assert warned and warned == [f"warning: {w}" for w in rec["convergence"]["warnings"]]
+    assert all(str(tmp_path / "a.png") in w for w in warned)
+    assert rec["convergence"]["rule"] == {"tolerance": 0.05, "cap": 256, "adapt": False}
+    html = write_report(out).read_text()
+    assert "Not converged" in html and rec["convergence"]["warnings"][0].split(":")[-1].strip() in html
