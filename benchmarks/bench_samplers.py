@@ -4,8 +4,8 @@ For each image, a reference map is made with i.i.d. draws and its own seed (512 
 default); each sampler then runs with `--seeds` other seeds, and its map after n = 4, 8, ... samples is
 compared with the reference (Spearman rank correlation over pixels). "needed" is the smallest n whose
 Spearman, averaged over seeds and images, reaches `--target` (0.95). The maps are the library's own
-(`smoothgrad_sums` / `rise_sums`, cut into shares of 4 samples and summed up), so the prefix of n samples
-is exactly what `smoothgrad(..., n_samples=n)` would give for antithetic and Sobol draws (and for i.i.d.
+(`smoothgrad_sums` / `rise_sums`, cut into shares ending at 4, 8, 16, ... samples and summed up), so the
+prefix of n samples is exactly what `smoothgrad(..., n_samples=n)` would give for antithetic and Sobol draws (and for i.i.d.
 SmoothGrad noise); i.i.d. RISE masks are drawn all at once, so its prefix is an i.i.d. sample of n masks.
 
 Two subjects: the bundled photos with the embedded EfficientNet-Lite0 (at `--photo-size` px: the model's
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 SAMPLERS = ("iid", "antithetic", "sobol")
-STEP = 4  # samples per share: the curves have a point every 4 samples
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,20 +39,19 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def cumulative_maps(method: str, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, n: int, seed: int,
-                    sampler: str, opts: dict[str, Any]) -> dict[int, torch.Tensor]:
-    """{k: map of the first k samples} for k = STEP, 2 STEP, ..., n; maps [B, *spatial] on the CPU."""
+                    sampler: str, opts: dict[str, Any], first: int = 4) -> dict[int, torch.Tensor]:
+    """{k: map of the first k samples} for k = first, 2 first, 4 first, ..., n; maps [B, *spatial] on the CPU."""
     from saliencylab.methods.gradient import smoothgrad_sums
     from saliencylab.methods.perturbation import rise_sums
 
-    parts = n // STEP
+    ends = [first * 2 ** i for i in range(int(math.log2(n // first)) + 1)]
     if method == "smoothgrad":
-        sums = smoothgrad_sums(model, x, t, n_samples=n, seed=seed, sampler=sampler, parts=parts, **opts)
+        sums = smoothgrad_sums(model, x, t, n_samples=n, seed=seed, sampler=sampler, parts=ends, **opts)
     else:
-        sums = rise_sums(model, x, t, n_masks=n, seed=seed, sampler=sampler, parts=parts, **opts)
+        sums = rise_sums(model, x, t, n_masks=n, seed=seed, sampler=sampler, parts=ends, **opts)
     out, total = {}, torch.zeros_like(sums[0])
-    for i, s in enumerate(sums):
+    for k, s in zip(ends, sums, strict=True):
         total = total + s
-        k = (i + 1) * STEP
         m = total / k
         out[k] = (m.amax(1) if method == "smoothgrad" else m).detach().cpu()
     return out
@@ -62,31 +60,41 @@ def cumulative_maps(method: str, model: torch.nn.Module, x: torch.Tensor, t: tor
 def study(name: str, method: str, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, *, reference: int,
           most: int, seeds: int, target: float, opts: dict[str, Any], log: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
-    ref = cumulative_maps(method, model, x, t, reference, 10_000, "iid", opts)
+    ref = cumulative_maps(method, model, x, t, reference, 10_000, "iid", opts, first=reference // 2)
     ref_map = ref[reference]
     half = reference // 2  # the reference's own noise: its halves are independent i.i.d. maps
     ref_first = ref[half]
     ref_second = ref_map * 2 - ref_first
     ref_split = [spearman(ref_first[i], ref_second[i]) for i in range(x.shape[0])]
+    # the reference's own variance (squared L2, per image): its two halves are independent i.i.d. maps
+    ref_var = [float(((ref_first[i] - ref_second[i]) ** 2).sum()) / 4 for i in range(x.shape[0])]
     curves: dict[str, dict[int, float]] = {}
-    per_image: dict[str, list[list[float]]] = {}
+    errors: dict[str, dict[int, float]] = {}
     for sampler in SAMPLERS:
-        rows = []  # (seed, image) -> spearman per n
+        rows, sq = [], []  # (seed, image) -> spearman per n, squared L2 distance per n
         for s in range(seeds):
             maps = cumulative_maps(method, model, x, t, most, s, sampler, opts)
             for i in range(x.shape[0]):
                 rows.append([spearman(maps[k][i], ref_map[i]) for k in sorted(maps)])
+                sq.append([float(((maps[k][i] - ref_map[i]) ** 2).sum()) - ref_var[i] for k in sorted(maps)])
         ks = sorted(maps)
         curves[sampler] = {k: statistics.fmean(r[j] for r in rows) for j, k in enumerate(ks)}
-        per_image[sampler] = rows
+        errors[sampler] = {k: statistics.fmean(r[j] for r in sq) for j, k in enumerate(ks)}
     needed = {s: next((k for k, v in c.items() if v >= target), None) for s, c in curves.items()}
+    # variance at equal samples relative to i.i.d. (the squared L2 distance to the reference less the
+    # reference's own variance): for a variance proportional to 1/n, the share of i.i.d.'s samples needed
+    # for the same L2 error; the median over n = 4, 8, ...
+    efficiency = {s: statistics.median(max(errors[s][k], 0.0) / errors["iid"][k] for k in ks
+                                       if errors["iid"][k] > 0) for s in SAMPLERS}
     out = {"subject": name, "method": method, "options": opts, "images": x.shape[0], "input": list(x.shape[1:]),
            "reference_samples": reference, "reference_sampler": "iid", "reference_seed": 10_000,
            "reference_split_half_spearman": ref_split, "max_samples": most, "seeds": seeds, "target": target,
            "spearman_vs_reference": {s: {str(k): round(v, 4) for k, v in c.items()} for s, c in curves.items()},
-           "needed": needed, "seconds": round(time.perf_counter() - t0, 1)}
+           "needed": needed, "variance_vs_iid_at_equal_samples": {k: round(v, 3) for k, v in efficiency.items()},
+           "seconds": round(time.perf_counter() - t0, 1)}
     log(f"{name:<9} {method:<10} reference {reference} (split-half {statistics.fmean(ref_split):.3f}); needed for "
         f"{target}: " + ", ".join(f"{s} {v if v else '>' + str(most)}" for s, v in needed.items())
+        + "; variance vs iid at equal samples: " + ", ".join(f"{k} {v:.2f}" for k, v in efficiency.items())
         + f"  [{out['seconds']}s]")
     for s, c in curves.items():
         log(f"    {s:<10} " + " ".join(f"{k}:{v:.3f}" for k, v in c.items() if k in (4, 8, 16, 32, 64, 128, 256)))
@@ -175,7 +183,10 @@ def main() -> None:
         ratio = {s: math.exp(statistics.fmean(math.log(a / b) for a, b in zip(need[s], need["iid"], strict=True)))
                  for s in SAMPLERS}
         best = min(("antithetic", "sobol"), key=lambda s: ratio[s])
+        var = {s: math.exp(statistics.fmean(math.log(max(r["variance_vs_iid_at_equal_samples"][s], 1e-6))
+                                            for r in rows)) for s in SAMPLERS}
         verdicts[method] = {"needed_over_iid": {s: round(v, 3) for s, v in ratio.items()},
+                            "variance_vs_iid_at_equal_samples": {s: round(v, 3) for s, v in var.items()},
                             "subjects": [r["subject"] for r in rows], "best": best, "make_default": ratio[best] <= 0.5}
         print(f"{method}: samples needed / iid's (geometric mean over subjects): "
               + ", ".join(f"{s} {v:.2f}" for s, v in ratio.items())

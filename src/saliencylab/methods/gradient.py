@@ -6,7 +6,7 @@ method's paper does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -81,12 +81,13 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
 
 def smoothgrad_sums(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: int = 16,
                     noise_level: float = 0.15, batch_size: int | None = None, seed: int = 0,
-                    sampler: Sampler = "iid", parts: int = 1) -> list[torch.Tensor]:
+                    sampler: Sampler = "iid", parts: int | Sequence[int] = 1) -> list[torch.Tensor]:
     """SmoothGrad's sums of |gradient| over consecutive shares of the samples, before the mean and channel max.
 
     Args:
         parts: how many consecutive shares (2: the first and the second half of the samples, for a
-            half-split convergence check); share i holds samples [i n / parts, (i + 1) n / parts).
+            half-split convergence check); share i holds samples [i n / parts, (i + 1) n / parts). Or the
+            sample counts where shares end, e.g. (4, 8, 16): shares [0, 4), [4, 8), [8, 16).
 
     Returns:
         `parts` tensors [B, C, *spatial]; their sum over `n_samples`, channel max, is `smoothgrad`'s map.
@@ -95,7 +96,7 @@ def smoothgrad_sums(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, 
     dims = tuple(range(1, x.ndim))
     sigma = noise_level * (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
     draws = noise_draws(sampler, seed, tuple(x.shape[1:]))
-    bounds = [round(i * n_samples / parts) for i in range(parts + 1)]
+    bounds = _bounds(n_samples, parts)
     sums = []
     k = per_pass(batch_size, b)
     with eval_mode(model):
@@ -110,6 +111,16 @@ def smoothgrad_sums(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, 
                 total += grad.abs().reshape(n, *x.shape).sum(0)
             sums.append(total)
     return sums
+
+
+def _bounds(n: int, parts: int | Sequence[int]) -> list[int]:
+    """Share boundaries [0, ..., n]: `parts` equal shares, or ending at the given counts."""
+    if isinstance(parts, int):
+        return [round(i * n / parts) for i in range(parts + 1)]
+    ends = [int(e) for e in parts]
+    if ends[-1] != n or any(b <= a for a, b in zip([0, *ends], ends, strict=False)):
+        raise ValueError(f"share ends {ends} must increase to the sample count {n}")
+    return [0, *ends]
 
 
 def ig_alphas(n_steps: int, rule: Rule = "gausslegendre") -> tuple[torch.Tensor, torch.Tensor]:

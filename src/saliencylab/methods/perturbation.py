@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Annotated
 
 import torch
 from torch import nn
 
 from saliencylab.methods._common import chunks, eval_mode, fast_layout, per_pass, target_probability, target_score
-from saliencylab.methods.gradient import Baseline, make_baseline
+from saliencylab.methods.gradient import Baseline, _bounds, make_baseline
 from saliencylab.methods.options import Count, OptionError, PassSize, Range
 from saliencylab.methods.registry import register_method
 from saliencylab.methods.sampling import Sampler, uniform_draws
@@ -122,11 +123,12 @@ def rise_cells(n_masks: int, grid: int, d: int, cell: list[int], *, p_keep: floa
 
 def rise_sums(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: int = 1000, grid: int = 7,
               p_keep: float = 0.5, batch_size: int | None = None, seed: int = 0, sampler: Sampler = "iid",
-              parts: int = 1) -> list[torch.Tensor]:
+              parts: int | Sequence[int] = 1) -> list[torch.Tensor]:
     """RISE's sums of probability x mask over consecutive shares of the masks (before dividing by N p_keep).
 
     Args:
-        parts: how many consecutive shares (2: first and second half, for a half-split check).
+        parts: how many consecutive shares (2: first and second half, for a half-split check), or the mask
+            counts where shares end (see `smoothgrad_sums`).
 
     Returns:
         `parts` tensors [B, *spatial]; their sum divided by `n_masks * p_keep` is `rise`'s map.
@@ -137,7 +139,7 @@ def rise_sums(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_mask
     up = tuple((grid + 1) * c for c in cell)
     # every mask's cells and shift are drawn up front on the CPU: the masks depend on the seed only
     keep, shifts = rise_cells(n_masks, grid, d, cell, p_keep=p_keep, seed=seed, sampler=sampler)
-    bounds = [round(i * n_masks / parts) for i in range(parts + 1)]
+    bounds = _bounds(n_masks, parts)
     sums = []
     k = per_pass(batch_size, b)
     with eval_mode(model), torch.inference_mode():
