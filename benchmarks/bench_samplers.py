@@ -6,7 +6,8 @@ compared with the reference (Spearman rank correlation over pixels). "needed" is
 Spearman, averaged over seeds and images, reaches `--target` (0.95). The maps are the library's own
 (`smoothgrad_sums` / `rise_sums`, cut into shares ending at 4, 8, 16, ... samples and summed up), so the
 prefix of n samples is exactly what `smoothgrad(..., n_samples=n)` would give for antithetic and Sobol
-draws (and for i.i.d. SmoothGrad noise); i.i.d. RISE masks are drawn all at once, so its prefix is an i.i.d. sample of n masks.
+draws (and for i.i.d. SmoothGrad noise); i.i.d. RISE masks are drawn all at once, so its prefix is an
+i.i.d. sample of n masks.
 
 Two subjects: the bundled photos with the embedded EfficientNet-Lite0 (at `--photo-size` px: the model's
 224 px is too slow for a 512-sample reference on a loaded 2-core machine), and chest X-ray phantoms
