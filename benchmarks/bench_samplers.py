@@ -183,9 +183,9 @@ def main() -> None:
         need = {s: [r["needed"][s] or 2 * r["max_samples"] for r in rows] for s in SAMPLERS}
         ratio = {s: math.exp(statistics.fmean(math.log(a / b) for a, b in zip(need[s], need["iid"], strict=True)))
                  for s in SAMPLERS}
-        best = min(("antithetic", "sobol"), key=lambda s: ratio[s])
         var = {s: math.exp(statistics.fmean(math.log(max(r["variance_vs_iid_at_equal_samples"][s], 1e-6))
                                             for r in rows)) for s in SAMPLERS}
+        best = min(("antithetic", "sobol"), key=lambda s: (ratio[s], var[s]))
         verdicts[method] = {"needed_over_iid": {s: round(v, 3) for s, v in ratio.items()},
                             "variance_vs_iid_at_equal_samples": {s: round(v, 3) for s, v in var.items()},
                             "subjects": [r["subject"] for r in rows], "best": best, "make_default": ratio[best] <= 0.5}
