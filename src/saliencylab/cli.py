@@ -37,6 +37,22 @@ DATA_HELP = ("labelled images: a dataset folder (<class>/images + <class>/masks,
 MASKS_HELP = "a folder of lung masks, matched to the images by file name"
 
 
+@app.callback()
+def _options(
+    threads: int = typer.Option(None, "--threads", min=1, show_default=False,
+                                help="CPU threads for torch (default: $SALIENCYLAB_THREADS, else $OMP_NUM_THREADS, "
+                                     "else the CPUs this process may use: affinity and cgroup quota)"),
+) -> None:
+    """What did the image classifier look at, and can we trust that?"""
+    from saliencylab.runtime import configure
+
+    try:
+        configure(threads)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
 def friendly(fn: F) -> F:
     """Print a UserError as one line on stderr and exit 2; never show the user a traceback for bad input."""
 
