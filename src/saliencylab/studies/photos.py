@@ -37,7 +37,7 @@ def batched(images: Iterator[LoadedImage], size: int) -> Iterator[list[LoadedIma
 def probabilities(clf: Classifier, x: torch.Tensor) -> torch.Tensor:
     """Class probabilities [B, K]: softmax, or (1 - p, p) from a single-logit sigmoid head."""
     with torch.inference_mode():
-        logits = clf.module(x)
+        logits = clf.module(x).float()  # float32 also under bf16 autocast
     if logits.shape[1] == 1:
         p = torch.sigmoid(logits[:, 0])
         return torch.stack([1 - p, p], dim=1)
@@ -138,7 +138,7 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
             options: dict[str, dict[str, Any]] | None = None, target: str = "predicted", top: int = 5,
             batch_size: int = 4, display: DisplaySettings = DisplaySettings(), grid_rows: int = 8,
             skip_bad: bool = False, progress: bool | None = None, command: str = "",
-            model_args: dict[str, Any] | None = None,
+            model_args: dict[str, Any] | None = None, precision: str = "fp32",
             convergence: ConvergenceRule = ConvergenceRule()) -> ExplainResult:
     """Run each method on each image; write overlays, raw maps, a figure grid and results.json under `out`.
 
@@ -151,12 +151,20 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
         batch_size: images per batch (sampling methods chunk further by their own batch_size).
         grid_rows: at most this many images go into figure.png (all get their own files).
         model_args: how the model was loaded ({'model': ..., 'weights': ...}), so `audit` can reload it.
+        precision: 'fp32', 'tf32' or 'bf16' for every model call (see `saliencylab.precision`).
         convergence: the convergence rule (IG steps adapted per image, half-split checks for SmoothGrad and
             RISE); per-image records go into results.json under 'convergence', warnings into the result.
+
+    results.json records the device, the precision and, per sampling method, the pass size it used
+    ('passes': {'rule', 'samples_per_pass'}, from `methods._common.record_passes`).
     """
     from tqdm import tqdm
 
+    from saliencylab.methods._common import describe_passes, record_passes
+    from saliencylab.precision import precision as run_at
+
     options = options or {}
+    pass_log: dict[str, list[Any]] = {m.name: [] for m in methods}
     result = ExplainResult(out=Path(out))
     seconds = dict.fromkeys((m.name for m in methods), 0.0)
     grid: list[GridRow] = []
@@ -164,7 +172,7 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
     records: list[dict[str, Any]] = []
     disable = None if progress is None else not progress  # None: show only on a terminal
     with staged_dir(out) as stage, tqdm(total=len(sources) * len(methods), unit="map", disable=disable,
-                                         desc="explain") as bar:
+                                         desc="explain") as bar, run_at(precision, clf.device) as precision:
         stream = iter_images(sources, skip_bad=skip_bad, skipped=result.skipped)
         for batch in batched(stream, batch_size):
             x = torch.stack([clf.preprocess(img.pixels) for img in batch]).to(clf.device)
@@ -177,8 +185,11 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
             for spec in methods:
                 opts = options.get(spec.name, {})
                 t0 = time.perf_counter()
-                checked = checked_map(spec, clf.module, x, tgt, opts, convergence, names=[img.source for img in batch])
+                with record_passes() as passes:
+                    checked = checked_map(spec, clf.module, x, tgt, opts, convergence,
+                                          names=[img.source for img in batch])
                 raw = checked.map
+                pass_log[spec.name] += passes
                 if clf.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds[spec.name] += time.perf_counter() - t0
@@ -226,11 +237,14 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
             "command": command,
             "model": clf.describe(),
             "model_args": model_args or {"model": clf.name, "weights": None},
+            "device": str(clf.device),
+            "precision": precision,
             "target": target,
             "display": display.__dict__,
             "methods": {m.name: {"options": {**_defaults(m), **options.get(m.name, {})}, "family": m.family,
                                  "paper": m.paper, "seconds": round(seconds[m.name], 4),
-                                 "seconds_per_image": round(seconds[m.name] / len(records), 4)}
+                                 "seconds_per_image": round(seconds[m.name] / len(records), 4),
+                                 "passes": describe_passes(pass_log[m.name])}
                         for m in methods},
             "images": records,
             "skipped": [{"source": s, "reason": r} for s, r in result.skipped],
