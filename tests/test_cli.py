@@ -47,7 +47,8 @@ def test_explain_writes_maps_in_the_image_grid(tmp_path):
     gray = _image(tmp_path / "xray.png", (40, 30), seed=1)
     out = tmp_path / "out"
     res = run("explain", str(img), str(gray), *FAST, "--methods", "vanilla,integrated_gradients,gradcam,"
-              "spectral_residual", "--out", str(out), "--target", "3", "--set", "integrated_gradients.n_steps=4")
+              "spectral_residual", "--out", str(out), "--target", "3", "--set", "integrated_gradients.n_steps=4",
+              "--no-adapt")
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["images"]] == ["photo", "xray"]

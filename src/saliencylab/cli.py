@@ -187,6 +187,12 @@ def explain(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
     frame: str = typer.Option(None, "--frame", help=FRAME_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
+    adapt: bool = typer.Option(True, "--adapt/--no-adapt",
+                               help="double integrated_gradients' steps per image (up to 256) until its completeness "
+                                    "error is within --tolerance of the logit gap; --no-adapt only warns"),
+    tolerance: float = typer.Option(0.05, "--tolerance", min=0.001, max=0.5,
+                                    help="IG completeness error as a share of the logit gap; SmoothGrad and RISE "
+                                         "warn below an estimated run-to-run agreement of 1 - tolerance"),
     input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
     channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
@@ -199,6 +205,7 @@ def explain(
     from saliencylab.data.images import parse_frame
     from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
+    from saliencylab.methods.convergence import ConvergenceRule
     from saliencylab.methods.registry import parse_method_options
     from saliencylab.models import load_model, preprocessing_kwargs
     from saliencylab.precision import check_precision
@@ -228,9 +235,12 @@ def explain(
     result = run(clf, sources, specs, out, options=options, target=target, batch_size=batch_size,
                  display=display, skip_bad=skip_bad, progress=progress,
                  command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]),
-                 model_args={"model": model, "weights": weights, **model_kwargs}, precision=precision)
+                 model_args={"model": model, "weights": weights, **model_kwargs}, precision=precision,
+                 convergence=ConvergenceRule(tolerance=tolerance, adapt=adapt))
     for source, reason in result.skipped:
         typer.echo(f"skipped {source}: {reason}", err=True)
+    for line in result.warnings:
+        typer.echo(f"warning: {line}", err=True)
     for rec in result.images:
         t = rec["target"]
         typer.echo(f"{rec['source']}: {t['class']} ({100 * t['probability']:.1f}%) -> {out / rec['name']}/")

@@ -6,7 +6,7 @@ method's paper does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -16,12 +16,12 @@ from torch import nn
 from saliencylab.methods._common import (
     eval_mode,
     input_gradient,
-    normal_draws,
     passes,
     target_score,
 )
 from saliencylab.methods.options import Count, NonNegative, PassSize
 from saliencylab.methods.registry import register_method
+from saliencylab.methods.sampling import Sampler, noise_draws
 from saliencylab.ops import gaussian_blur
 
 Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
@@ -56,7 +56,8 @@ def gradient_x_input(model: nn.Module, x: torch.Tensor, target: torch.Tensor) ->
 @register_method("smoothgrad", family="gradient",
                  paper="Smilkov et al. 2017, https://arxiv.org/abs/1706.03825")
 def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: Count = 16,
-               noise_level: NonNegative = 0.15, batch_size: PassSize = None, seed: int = 0) -> torch.Tensor:
+               noise_level: NonNegative = 0.15, batch_size: PassSize = None, seed: int = 0,
+               sampler: Sampler = "iid") -> torch.Tensor:
     """Mean absolute gradient over noisy copies, then the channel maximum, as for the vanilla gradient.
 
     Args:
@@ -67,24 +68,59 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
         seed: fixes the noise. Noise sample s is the s-th draw of a CPU generator seeded with it (the same
             for every image, scaled by each image's range), moved to x's device: the map does not depend on
             `batch_size`, on the other images of the batch, on x's dtype (draws are float32) or on the device.
+        sampler: 'iid' normal noise, 'antithetic' (each draw followed by its negation) or 'sobol'
+            (scrambled Sobol points through the inverse normal CDF); see `saliencylab.methods.sampling`.
 
     Returns:
         [B, *spatial], >= 0. With one sample and zero noise it equals `vanilla`.
     """
+    (total,) = smoothgrad_sums(model, x, target, n_samples=n_samples, noise_level=noise_level,
+                               batch_size=batch_size, seed=seed, sampler=sampler)
+    return (total / n_samples).amax(dim=1)
+
+
+def smoothgrad_sums(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: int = 16,
+                    noise_level: float = 0.15, batch_size: int | None = None, seed: int = 0,
+                    sampler: Sampler = "iid", parts: int | Sequence[int] = 1) -> list[torch.Tensor]:
+    """SmoothGrad's sums of |gradient| over consecutive shares of the samples, before the mean and channel max.
+
+    Args:
+        parts: how many consecutive shares (2: the first and the second half of the samples, for a
+            half-split convergence check); share i holds samples [i n / parts, (i + 1) n / parts). Or the
+            sample counts where shares end, e.g. (4, 8, 16): shares [0, 4), [4, 8), [8, 16).
+
+    Returns:
+        `parts` tensors [B, C, *spatial]; their sum over `n_samples`, channel max, is `smoothgrad`'s map.
+    """
     b = x.shape[0]
     dims = tuple(range(1, x.ndim))
     sigma = noise_level * (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
-    draws = normal_draws(seed, tuple(x.shape[1:]))
-    total = torch.zeros_like(x)
+    draws = noise_draws(sampler, seed, tuple(x.shape[1:]))
+    bounds = _bounds(n_samples, parts)
+    sums = []
     with eval_mode(model):
-        for start, stop in passes(n_samples, batch_size, b, x.device,
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            total = torch.zeros_like(x)
+            for start, stop in passes(hi - lo, batch_size, b, x.device,
                                       key=(id(model), "smoothgrad", tuple(x.shape), x.dtype)):
-            n = stop - start
-            noise = torch.stack([next(draws) for _ in range(n)]).to(x.device, x.dtype)  # (n, C, *spatial)
-            noisy = (x.detach().unsqueeze(0) + sigma.unsqueeze(0) * noise.unsqueeze(1)).reshape(n * b, *x.shape[1:])
-            grad = input_gradient(model, noisy, target.repeat(n))
-            total += grad.abs().reshape(n, *x.shape).sum(0)
-    return (total / n_samples).amax(dim=1)
+                n = stop - start
+                noise = torch.stack([next(draws) for _ in range(n)]).to(x.device, x.dtype)  # (n, C, *spatial)
+                noisy = (x.detach().unsqueeze(0) + sigma.unsqueeze(0) * noise.unsqueeze(1)).reshape(
+                    n * b, *x.shape[1:])  # (n B, C, *spatial)
+                grad = input_gradient(model, noisy, target.repeat(n))
+                total += grad.abs().reshape(n, *x.shape).sum(0)
+            sums.append(total)
+    return sums
+
+
+def _bounds(n: int, parts: int | Sequence[int]) -> list[int]:
+    """Share boundaries [0, ..., n]: `parts` equal shares, or ending at the given counts."""
+    if isinstance(parts, int):
+        return [round(i * n / parts) for i in range(parts + 1)]
+    ends = [int(e) for e in parts]
+    if ends[-1] != n or any(b <= a for a, b in zip([0, *ends], ends, strict=False)):
+        raise ValueError(f"share ends {ends} must increase to the sample count {n}")
+    return [0, *ends]
 
 
 def ig_alphas(n_steps: int, rule: Rule = "gausslegendre") -> tuple[torch.Tensor, torch.Tensor]:

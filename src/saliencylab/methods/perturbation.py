@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Annotated
 
 import torch
 from torch import nn
 
 from saliencylab.methods._common import eval_mode, fast_layout, passes, target_probability, target_score
-from saliencylab.methods.gradient import Baseline, make_baseline
+from saliencylab.methods.gradient import Baseline, _bounds, make_baseline
 from saliencylab.methods.options import Count, OptionError, PassSize, Range
 from saliencylab.methods.registry import register_method
+from saliencylab.methods.sampling import Sampler, uniform_draws
 from saliencylab.ops import resize
 
 
@@ -74,7 +76,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
                  display="minmax")
 def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Count = 1000, grid: Count = 7,
          p_keep: Annotated[float, Range(0, 1, min_open=True)] = 0.5, batch_size: PassSize = None,
-         seed: int = 0) -> torch.Tensor:
+         seed: int = 0, sampler: Sampler = "iid") -> torch.Tensor:
     """Randomised input sampling: the mask-weighted mean of the target probability over random soft masks.
 
     Masks are binary `grid`^d cells kept with probability `p_keep`, upsampled linearly and shifted by a
@@ -87,31 +89,73 @@ def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Co
         batch_size: most masked images per forward pass (None: chosen, see `_common.passes`).
         seed: fixes the masks. All cells and shifts are drawn up front from a CPU generator seeded with it,
             so the map does not depend on `batch_size`, on the other images of the batch or on the device.
+        sampler: 'iid', 'antithetic' (each mask followed by its mirror: the cells' and shifts' uniforms u
+            replaced by 1 - u, the complement mask when p_keep = 0.5) or 'sobol' (each mask from one
+            scrambled Sobol point of grid^d + d uniforms: cells kept where u < p_keep, shifts floor(u cell)).
 
     Returns:
         [B, *spatial], >= 0, in units of probability / p_keep.
+    """
+    (total,) = rise_sums(model, x, target, n_masks=n_masks, grid=grid, p_keep=p_keep, batch_size=batch_size,
+                         seed=seed, sampler=sampler)
+    return (total / (n_masks * p_keep)).clone()
+
+
+def rise_cells(n_masks: int, grid: int, d: int, cell: list[int], *, p_keep: float = 0.5, seed: int = 0,
+               sampler: Sampler = "iid") -> tuple[torch.Tensor, list[list[int]]]:
+    """RISE's random cells and shifts, drawn on the CPU: keep [N, 1, grid, ...] (bool), shifts N x d.
+
+    'iid' draws all cells, then all shifts, from one generator (the maps of earlier versions); the other
+    samplers draw mask by mask, so mask k is the same whatever `n_masks`.
+    """
+    if sampler == "iid":
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        keep = torch.rand((n_masks, 1) + (grid,) * d, generator=gen) < p_keep  # (N, 1, grid, ..)
+        shifts = (torch.rand((n_masks, d), generator=gen, dtype=torch.float64) * torch.tensor(cell)).long()
+    else:
+        draws = uniform_draws(sampler, seed, grid ** d + d)
+        u = torch.stack([next(draws) for _ in range(n_masks)])  # (N, grid^d + d)
+        keep = (u[:, : grid ** d] < p_keep).view((n_masks, 1) + (grid,) * d)
+        shifts = (u[:, grid ** d:] * torch.tensor(cell)).long()
+    shifts = torch.minimum(shifts, torch.tensor(cell) - 1).tolist()  # (N, d), shift i in [0, cell_i)
+    return keep, shifts
+
+
+def rise_sums(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: int = 1000, grid: int = 7,
+              p_keep: float = 0.5, batch_size: int | None = None, seed: int = 0, sampler: Sampler = "iid",
+              parts: int | Sequence[int] = 1) -> list[torch.Tensor]:
+    """RISE's sums of probability x mask over consecutive shares of the masks (before dividing by N p_keep).
+
+    Args:
+        parts: how many consecutive shares (2: first and second half, for a half-split check), or the mask
+            counts where shares end (see `smoothgrad_sums`).
+
+    Returns:
+        `parts` tensors [B, *spatial]; their sum divided by `n_masks * p_keep` is `rise`'s map.
     """
     b, _c, *spatial = x.shape
     d = len(spatial)
     cell = [-(-s // grid) for s in spatial]  # ceil(s / grid)
     up = tuple((grid + 1) * c for c in cell)
     # every mask's cells and shift are drawn up front on the CPU: the masks depend on the seed only
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    keep = torch.rand((n_masks, 1) + (grid,) * d, generator=gen) < p_keep  # (N, 1, grid, ..)
-    shifts = (torch.rand((n_masks, d), generator=gen, dtype=torch.float64) * torch.tensor(cell)).long()
-    shifts = torch.minimum(shifts, torch.tensor(cell) - 1).tolist()  # (N, d), shift i in [0, cell_i)
-    total = torch.zeros((b, *spatial), dtype=x.dtype, device=x.device)
+    keep, shifts = rise_cells(n_masks, grid, d, cell, p_keep=p_keep, seed=seed, sampler=sampler)
+    bounds = _bounds(n_masks, parts)
+    sums = []
     with eval_mode(model), torch.inference_mode():
-        for lo, hi in passes(n_masks, batch_size, b, x.device,
-                                 key=(id(model), "rise", tuple(x.shape), x.dtype)):
-            n = hi - lo
-            big = resize(keep[lo:hi].to(x.device, x.dtype), up)  # (n, 1, *up)
-            masks = torch.stack([
-                big[(i, 0) + tuple(slice(o, o + s) for o, s in zip(shifts[lo + i], spatial, strict=True))]
-                for i in range(n)
-            ])  # (n, *spatial)
-            masked = (x.unsqueeze(0) * masks.view(n, 1, 1, *spatial)).flatten(0, 1)
-            prob = target_probability(model(fast_layout(masked)), target.repeat(n)).view(n, b)
-            with torch.autocast(x.device.type, enabled=False):  # accumulate in x's dtype, also under bf16
-                total += torch.einsum("nb,n...->b...", prob.to(x.dtype), masks)
-    return (total / (n_masks * p_keep)).clone()
+        for first, last in zip(bounds[:-1], bounds[1:], strict=True):
+            total = torch.zeros((b, *spatial), dtype=x.dtype, device=x.device)
+            for lo, hi in ((first + a, first + z) for a, z in passes(last - first, batch_size, b, x.device,
+                                                                     key=(id(model), "rise", tuple(x.shape),
+                                                                          x.dtype))):
+                n = hi - lo
+                big = resize(keep[lo:hi].to(x.device, x.dtype), up)  # (n, 1, *up)
+                masks = torch.stack([
+                    big[(i, 0) + tuple(slice(o, o + s) for o, s in zip(shifts[lo + i], spatial, strict=True))]
+                    for i in range(n)
+                ])  # (n, *spatial)
+                masked = (x.unsqueeze(0) * masks.view(n, 1, 1, *spatial)).flatten(0, 1)
+                prob = target_probability(model(fast_layout(masked)), target.repeat(n)).view(n, b)
+                with torch.autocast(x.device.type, enabled=False):  # accumulate in x's dtype, also under bf16
+                    total += torch.einsum("nb,n...->b...", prob.to(x.dtype), masks)
+            sums.append(total.clone())
+    return sums

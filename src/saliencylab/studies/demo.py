@@ -60,6 +60,7 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
     from saliencylab.data.phantoms import PhantomConfig, generate
     from saliencylab.devices import choose_device
     from saliencylab.methods import parse_methods
+    from saliencylab.methods.convergence import ConvergenceRule
     from saliencylab.models import load_model
     from saliencylab.precision import check_precision
     from saliencylab.report.writer import write_report
@@ -99,6 +100,9 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
     method_options = {"smoothgrad": {"n_samples": cfg.smoothgrad_samples},
                       "integrated_gradients": {"n_steps": cfg.ig_steps}}
 
+    # full demo: IG steps adapted per image until converged; --quick only reports (its 8 steps stay 8)
+    rule = ConvergenceRule(adapt=not quick)
+
     def study1() -> None:
         from saliencylab.precision import precision as run_at
 
@@ -108,8 +112,11 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
             rows = list(classify(clf, sources, k=5))
         write_json(out / "study1" / "classify.json", {"model": clf.describe(), "images": rows})
         specs = parse_methods("vanilla,smoothgrad,integrated_gradients,gradcam,spectral_residual")
-        explain(clf, sources, specs, out / "study1" / "explain", progress=progress, options=method_options,
-                model_args={"model": "efficientnet_lite0", "weights": None}, precision=precision)
+        res = explain(clf, sources, specs, out / "study1" / "explain", progress=progress, options=method_options,
+                      model_args={"model": "efficientnet_lite0", "weights": None}, precision=precision,
+                      convergence=rule)
+        for line in res.warnings:
+            log(f"warning: {line}")
 
     def phantoms(name: str, rates: dict[str, float]) -> Callable[[], None]:
         def fn() -> None:

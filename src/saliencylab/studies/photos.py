@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ import torch
 from saliencylab.data.images import LoadedImage, iter_images
 from saliencylab.errors import UserError
 from saliencylab.fsutil import staged_dir, write_json, write_npy, write_png
-from saliencylab.methods import MethodSpec, completeness_error, resolve_target
+from saliencylab.methods import MethodSpec, resolve_target
+from saliencylab.methods.convergence import ConvergenceRule, checked_map
 from saliencylab.models.registry import Classifier
 from saliencylab.ops import resize
 from saliencylab.render import GridRow, normalise, overlay, saliency_grid, smooth, to_uint8
@@ -110,6 +111,7 @@ class ExplainResult:
     images: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _safe_name(name: str, taken: set[str]) -> str:
@@ -136,7 +138,8 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
             options: dict[str, dict[str, Any]] | None = None, target: str = "predicted", top: int = 5,
             batch_size: int = 4, display: DisplaySettings = DisplaySettings(), grid_rows: int = 8,
             skip_bad: bool = False, progress: bool | None = None, command: str = "",
-            model_args: dict[str, Any] | None = None, precision: str = "fp32") -> ExplainResult:
+            model_args: dict[str, Any] | None = None, precision: str = "fp32",
+            convergence: ConvergenceRule = ConvergenceRule()) -> ExplainResult:
     """Run each method on each image; write overlays, raw maps, a figure grid and results.json under `out`.
 
     Outputs are staged and moved into `out` only when every image succeeded (or was skipped with
@@ -149,6 +152,8 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
         grid_rows: at most this many images go into figure.png (all get their own files).
         model_args: how the model was loaded ({'model': ..., 'weights': ...}), so `audit` can reload it.
         precision: 'fp32', 'tf32' or 'bf16' for every model call (see `saliencylab.precision`).
+        convergence: the convergence rule (IG steps adapted per image, half-split checks for SmoothGrad and
+            RISE); per-image records go into results.json under 'convergence', warnings into the result.
 
     results.json records the device, the precision and, per sampling method, the pass size it used
     ('passes': {'rule', 'samples_per_pass'}, from `methods._common.record_passes`).
@@ -176,18 +181,23 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
             tgt = resolve_target(clf.module, x, target, clf.class_names)
             maps: dict[str, np.ndarray] = {}
             extras: dict[str, list[float]] = {}
+            checks: dict[str, list[dict[str, Any]]] = {}
             for spec in methods:
                 opts = options.get(spec.name, {})
                 t0 = time.perf_counter()
                 with record_passes() as passes:
-                    raw = spec.fn(clf.module, x, tgt, **opts)
+                    checked = checked_map(spec, clf.module, x, tgt, opts, convergence,
+                                          names=[img.source for img in batch])
+                raw = checked.map
                 pass_log[spec.name] += passes
                 if clf.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds[spec.name] += time.perf_counter() - t0
+                if checked.per_image:
+                    checks[spec.name] = checked.per_image
+                result.warnings += checked.warnings
                 if spec.name == "integrated_gradients":
-                    gap = completeness_error(clf.module, x, tgt, raw, opts.get("baseline", "black"))
-                    extras["ig_completeness_error"] = gap.cpu().tolist()
+                    extras["ig_completeness_error"] = [r["completeness_error"] for r in checked.per_image]
                 maps[spec.name] = raw.detach().float().cpu()
                 bar.update(len(batch))
             for i, img in enumerate(batch):
@@ -204,6 +214,7 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
                 }
                 for key, vals in extras.items():
                     record[key] = vals[i]
+                record["convergence"] = {m: rows[i] for m, rows in checks.items()}
                 for spec in methods:
                     full = resize(maps[spec.name][i][None, None], img.size)[0, 0].numpy()  # (H, W) of the original
                     write_npy(folder / f"{spec.name}.npy", full.astype(np.float32))
@@ -237,6 +248,7 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
                         for m in methods},
             "images": records,
             "skipped": [{"source": s, "reason": r} for s, r in result.skipped],
+            "convergence": {"rule": asdict(convergence), "warnings": result.warnings},
             "figure": "figure.png",
         })
     return result

@@ -1,0 +1,204 @@
+"""How many samples each sampler (iid, antithetic, sobol) needs for the same SmoothGrad and RISE map.
+
+For each image, a reference map is made with i.i.d. draws and its own seed (512 samples for SmoothGrad by
+default); each sampler then runs with `--seeds` other seeds, and its map after n = 4, 8, ... samples is
+compared with the reference (Spearman rank correlation over pixels). "needed" is the smallest n whose
+Spearman, averaged over seeds and images, reaches `--target` (0.95). The maps are the library's own
+(`smoothgrad_sums` / `rise_sums`, cut into shares ending at 4, 8, 16, ... samples and summed up), so the
+prefix of n samples is exactly what `smoothgrad(..., n_samples=n)` would give for antithetic and Sobol
+draws (and for i.i.d. SmoothGrad noise); i.i.d. RISE masks are drawn all at once, so its prefix is an
+i.i.d. sample of n masks.
+
+Two subjects: the bundled photos with the embedded EfficientNet-Lite0 (at `--photo-size` px: the model's
+224 px is too slow for a 512-sample reference on a loaded 2-core machine), and chest X-ray phantoms
+with a randomly initialised `cxr_cnn` (seed 0; random weights, not trained).
+
+    python benchmarks/bench_samplers.py                       # the committed run (see --help for sizes)
+    python benchmarks/bench_samplers.py --photo-size 224 --reference 512 --rise-reference 2048  # full size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SAMPLERS = ("iid", "antithetic", "sobol")
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.flatten().double().numpy(), b.flatten().double().numpy())[0])
+
+
+def cumulative_maps(method: str, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, n: int, seed: int,
+                    sampler: str, opts: dict[str, Any], first: int = 4) -> dict[int, torch.Tensor]:
+    """{k: map of the first k samples} for k = first, 2 first, 4 first, ..., n; maps [B, *spatial] on the CPU."""
+    from saliencylab.methods.gradient import smoothgrad_sums
+    from saliencylab.methods.perturbation import rise_sums
+
+    ends = [first * 2 ** i for i in range(int(math.log2(n // first)) + 1)]
+    if method == "smoothgrad":
+        sums = smoothgrad_sums(model, x, t, n_samples=n, seed=seed, sampler=sampler, parts=ends, **opts)
+    else:
+        sums = rise_sums(model, x, t, n_masks=n, seed=seed, sampler=sampler, parts=ends, **opts)
+    out, total = {}, torch.zeros_like(sums[0])
+    for k, s in zip(ends, sums, strict=True):
+        total = total + s
+        m = total / k
+        out[k] = (m.amax(1) if method == "smoothgrad" else m).detach().cpu()
+    return out
+
+
+def study(name: str, method: str, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, *, reference: int,
+          most: int, seeds: int, target: float, opts: dict[str, Any], log: Any) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ref = cumulative_maps(method, model, x, t, reference, 10_000, "iid", opts, first=reference // 2)
+    ref_map = ref[reference]
+    half = reference // 2  # the reference's own noise: its halves are independent i.i.d. maps
+    ref_first = ref[half]
+    ref_second = ref_map * 2 - ref_first
+    ref_split = [spearman(ref_first[i], ref_second[i]) for i in range(x.shape[0])]
+    # the reference's own variance (squared L2, per image): its two halves are independent i.i.d. maps
+    ref_var = [float(((ref_first[i] - ref_second[i]) ** 2).sum()) / 4 for i in range(x.shape[0])]
+    curves: dict[str, dict[int, float]] = {}
+    errors: dict[str, dict[int, float]] = {}
+    for sampler in SAMPLERS:
+        rows, sq = [], []  # (seed, image) -> spearman per n, squared L2 distance per n
+        for s in range(seeds):
+            maps = cumulative_maps(method, model, x, t, most, s, sampler, opts)
+            for i in range(x.shape[0]):
+                rows.append([spearman(maps[k][i], ref_map[i]) for k in sorted(maps)])
+                sq.append([float(((maps[k][i] - ref_map[i]) ** 2).sum()) - ref_var[i] for k in sorted(maps)])
+        ks = sorted(maps)
+        curves[sampler] = {k: statistics.fmean(r[j] for r in rows) for j, k in enumerate(ks)}
+        errors[sampler] = {k: statistics.fmean(r[j] for r in sq) for j, k in enumerate(ks)}
+    needed = {s: next((k for k, v in c.items() if v >= target), None) for s, c in curves.items()}
+    # variance at equal samples relative to i.i.d. (the squared L2 distance to the reference less the
+    # reference's own variance): for a variance proportional to 1/n, the share of i.i.d.'s samples needed
+    # for the same L2 error; the median over n = 4, 8, ...
+    efficiency = {s: statistics.median(max(errors[s][k], 0.0) / errors["iid"][k] for k in ks
+                                       if errors["iid"][k] > 0) for s in SAMPLERS}
+    out = {"subject": name, "method": method, "options": opts, "images": x.shape[0], "input": list(x.shape[1:]),
+           "reference_samples": reference, "reference_sampler": "iid", "reference_seed": 10_000,
+           "reference_split_half_spearman": ref_split, "max_samples": most, "seeds": seeds, "target": target,
+           "spearman_vs_reference": {s: {str(k): round(v, 4) for k, v in c.items()} for s, c in curves.items()},
+           "needed": needed, "variance_vs_iid_at_equal_samples": {k: round(v, 3) for k, v in efficiency.items()},
+           "seconds": round(time.perf_counter() - t0, 1)}
+    log(f"{name:<9} {method:<10} reference {reference} (split-half {statistics.fmean(ref_split):.3f}); needed for "
+        f"{target}: " + ", ".join(f"{s} {v if v else '>' + str(most)}" for s, v in needed.items())
+        + "; variance vs iid at equal samples: " + ", ".join(f"{k} {v:.2f}" for k, v in efficiency.items())
+        + f"  [{out['seconds']}s]")
+    for s, c in curves.items():
+        log(f"    {s:<10} " + " ".join(f"{k}:{v:.3f}" for k, v in c.items() if k in (4, 8, 16, 32, 64, 128, 256)))
+    return out
+
+
+def photos(size: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    from saliencylab.data import load_image
+    from saliencylab.methods import resolve_target
+    from saliencylab.models import load_model
+
+    clf = load_model("efficientnet_lite0", device="cpu")
+    x = torch.stack([clf.preprocess(load_image(f"sample:{n}").pixels) for n in ("chelsea", "coffee")])
+    if size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False).clamp(0, 1)
+    return clf.module, x, resolve_target(clf.module, x)
+
+
+def phantoms(size: int, count: int, weights: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    from saliencylab.data.phantoms import draw
+    from saliencylab.methods import resolve_target
+    from saliencylab.models import load_model
+
+    torch.manual_seed(0)
+    clf = load_model(weights, device="cpu") if weights != "random" else \
+        load_model("cxr_cnn", weights="random", device="cpu", image_size=size)
+    imgs = [draw(1000 + i, covid=bool(i % 2), size=size).image for i in range(count)]
+    x = torch.from_numpy(np.stack(imgs)).float()[:, None]
+    return clf.module, x, resolve_target(clf.module, x)
+
+
+def command(args: argparse.Namespace) -> str:
+    return "python benchmarks/bench_samplers.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", default="photos,phantoms")
+    ap.add_argument("--methods", default="smoothgrad,rise")
+    ap.add_argument("--photo-size", type=int, default=64, help="photo input side in px (the model's own: 224)")
+    ap.add_argument("--phantom-size", type=int, default=64)
+    ap.add_argument("--phantoms", type=int, default=2, help="how many phantoms")
+    ap.add_argument("--phantom-model", default="random",
+                    help="a cxr_cnn checkpoint (run folder's best.pt), or 'random' (seeded random weights)")
+    ap.add_argument("--reference", type=int, default=512, help="SmoothGrad reference samples (i.i.d.)")
+    ap.add_argument("--rise-reference", type=int, default=512, help="RISE reference masks (i.i.d.)")
+    ap.add_argument("--max", type=int, default=128, help="most samples per tested sampler")
+    ap.add_argument("--rise-max", type=int, default=256)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--target", type=float, default=0.95)
+    ap.add_argument("--batch", type=int, default=64, help="samples per forward pass")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", default="benchmarks/results/samplers_last_run.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    t0 = time.perf_counter()
+    for subject in args.subjects.split(","):
+        model, x, t = photos(args.photo_size) if subject == "photos" else phantoms(args.phantom_size, args.phantoms,
+                                                                                  args.phantom_model)
+        bs = max(1, args.batch)
+        for method in args.methods.split(","):
+            if method == "smoothgrad":
+                opts = {"noise_level": 0.15, "batch_size": bs}
+                ref, most = args.reference, args.max
+            else:
+                opts = {"grid": 7, "p_keep": 0.5, "batch_size": bs}
+                ref, most = args.rise_reference, args.rise_max
+            results.append(study(subject, method, model, x, t, reference=ref, most=most, seeds=args.seeds,
+                                 target=args.target, opts=opts, log=print))
+    path = Path(args.json)
+    runs = [{"command": command(args), "seconds": round(time.perf_counter() - t0, 1),
+             "studies": [f"{r['subject']}/{r['method']}" for r in results]}]
+    if path.is_file():  # keep the studies of earlier runs (one run per subject keeps each run short)
+        old = json.loads(path.read_text())
+        done = {(r["subject"], r["method"]) for r in results}
+        results = [r for r in old["results"] if (r["subject"], r["method"]) not in done] + results
+        runs = [r for r in old.get("runs", []) if set(r["studies"]) - {f"{a}/{b}" for a, b in done}] + runs
+    verdicts = {}
+    for method in sorted({r["method"] for r in results}):
+        rows = [r for r in results if r["method"] == method]
+        need = {s: [r["needed"][s] or 2 * r["max_samples"] for r in rows] for s in SAMPLERS}
+        ratio = {s: math.exp(statistics.fmean(math.log(a / b) for a, b in zip(need[s], need["iid"], strict=True)))
+                 for s in SAMPLERS}
+        var = {s: math.exp(statistics.fmean(math.log(max(r["variance_vs_iid_at_equal_samples"][s], 1e-6))
+                                            for r in rows)) for s in SAMPLERS}
+        best = min(("antithetic", "sobol"), key=lambda s: (ratio[s], var[s]))
+        verdicts[method] = {"needed_over_iid": {s: round(v, 3) for s, v in ratio.items()},
+                            "variance_vs_iid_at_equal_samples": {s: round(v, 3) for s, v in var.items()},
+                            "subjects": [r["subject"] for r in rows], "best": best, "make_default": ratio[best] <= 0.5}
+        print(f"{method}: samples needed / iid's (geometric mean over subjects): "
+              + ", ".join(f"{s} {v:.2f}" for s, v in ratio.items())
+              + f" -> {'make ' + best + ' the default' if ratio[best] <= 0.5 else 'keep iid (no sampler halves it)'}")
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "note": "measured on a loaded 2-core machine; a sampler that never reached the target counts as "
+                   "twice the most samples tried", "runs": runs, "results": results, "verdicts": verdicts}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Convergence checks: IG's step adaptation against a closed form, half-split checks for SmoothGrad and RISE.
+
+The closed form: f(x) = sum_i (x_i + x_i^2) with a black baseline. Along the path a x, the gradient is
+1 + 2 a x_i; the left Riemann rule with n steps integrates the linear part exactly and the quadratic part
+to (1 - 1/n) sum x_i^2, so the completeness error is -sum x^2 / n and its share of the logit gap
+sum x + sum x^2 is sum x^2 / (n (sum x + sum x^2)). For an image with every pixel at v: v / (n (1 + v)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from saliencylab.methods import get_method
+from saliencylab.methods.convergence import ConvergenceRule, checked_map, samples_for, spearman_brown
+
+
+class LinearPlusSquare(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + x ** 2).flatten(1).sum(1, keepdim=True)
+
+
+def _two_images() -> torch.Tensor:
+    """Image 0 at v = 1 (share 1 / (2 n)), image 1 at v = 0.1 (share 1 / (11 n))."""
+    return torch.stack([torch.full((1, 3, 3), 1.0), torch.full((1, 3, 3), 0.1)]).double()
+
+
+def test_ig_steps_adapt_per_image_as_the_closed_form_says():
+    ig = get_method("integrated_gradients")
+    x, t = _two_images(), torch.ones(2, dtype=torch.long)
+    opts = {"n_steps": 2, "rule": "riemann_left"}
+    out = checked_map(ig, LinearPlusSquare(), x, t, opts, ConvergenceRule(tolerance=0.05, cap=256),
+                      names=["bright", "dim"])
+    # v = 1: 1/(2n) <= 5% first at n = 16 (2 -> 4 -> 8 -> 16); v = 0.1: 1/(11 n) = 4.5% already at n = 2
+    assert [r["n_steps"] for r in out.per_image] == [16, 2]
+    assert [r["adapted"] for r in out.per_image] == [True, False]
+    assert out.per_image[0]["completeness_share"] == pytest.approx(1 / 32, rel=1e-6)
+    assert out.per_image[1]["completeness_share"] == pytest.approx(1 / 22, rel=1e-6)
+    assert out.per_image[0]["logit_gap"] == pytest.approx(18.0) and out.per_image[1]["logit_gap"] == pytest.approx(0.99)
+    assert out.per_image[0]["completeness_error"] == pytest.approx(-9 / 16)
+    assert out.warnings == []
+    # each image's map is the plain IG map at the steps it used
+    alone = ig.fn(LinearPlusSquare(), x[:1], t[:1], n_steps=16, rule="riemann_left")
+    torch.testing.assert_close(out.map[:1], alone)
+    torch.testing.assert_close(out.map[1:], ig.fn(LinearPlusSquare(), x[1:], t[1:], **opts))
+
+
+def test_ig_cap_and_adaptation_off_warn_with_the_fix():
+    ig = get_method("integrated_gradients")
+    x, t = _two_images(), torch.ones(2, dtype=torch.long)
+    opts = {"n_steps": 2, "rule": "riemann_left"}
+    capped = checked_map(ig, LinearPlusSquare(), x, t, opts, ConvergenceRule(tolerance=0.05, cap=8),
+                         names=["bright", "dim"])
+    assert [r["n_steps"] for r in capped.per_image] == [8, 2]
+    assert capped.per_image[0]["completeness_share"] == pytest.approx(1 / 16)
+    assert capped.warnings == ["bright: integrated_gradients completeness error is 6% of the logit gap after 8 "
+                               "steps (tolerance 5%); try --set integrated_gradients.n_steps=16"]
+    off = checked_map(ig, LinearPlusSquare(), x, t, opts, ConvergenceRule(adapt=False), names=["bright", "dim"])
+    assert [r["n_steps"] for r in off.per_image] == [2, 2]
+    assert off.per_image[0]["completeness_share"] == pytest.approx(1 / 4)
+    assert len(off.warnings) == 1 and off.warnings[0].startswith("bright: integrated_gradients completeness error "
+                                                                 "is 25% of the logit gap after 2 steps")
+    assert "--set integrated_gradients.n_steps=8 (or leave step adaptation on)" in off.warnings[0]
+    torch.testing.assert_close(off.map, ig.fn(LinearPlusSquare(), x, t, **opts))
+
+
+def test_gauss_legendre_is_exact_on_the_quadratic_and_never_adapts():
+    out = checked_map(get_method("integrated_gradients"), LinearPlusSquare(), _two_images(),
+                      torch.ones(2, dtype=torch.long), {"n_steps": 1})
+    assert [r["n_steps"] for r in out.per_image] == [1, 1]
+    assert max(r["completeness_share"] for r in out.per_image) < 1e-12
+
+
+@pytest.mark.parametrize(("name", "opts"), [("smoothgrad", {"n_samples": 6, "noise_level": 0.3}),
+                                            ("rise", {"n_masks": 10, "grid": 3})])
+def test_split_half_map_is_the_method_map(name, opts):
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 64, 2))
+    x, t = torch.rand(2, 1, 8, 8, generator=g), torch.tensor([0, 1])
+    out = checked_map(get_method(name), model, x, t, opts)
+    torch.testing.assert_close(out.map, get_method(name).fn(model, x, t, **opts))
+    count = "n_samples" if name == "smoothgrad" else "n_masks"
+    assert [r[count] for r in out.per_image] == [opts[count]] * 2
+    for r, w in zip(out.per_image, [w for w in out.warnings], strict=False):
+        assert r["agreement_estimate"] == pytest.approx(spearman_brown(r["split_half_spearman"]))
+        assert f"try --set {name}.{count}=" in w
+
+
+def test_smoothgrad_warns_until_enough_samples():
+    """On a quadratic score the map converges: few samples with much noise warn, many do not."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(1, 6, 6, generator=g)
+
+    class Quad(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (w * x ** 2).flatten(1).sum(1, keepdim=True)
+
+    x = torch.rand(1, 1, 6, 6, generator=g)
+    sg = get_method("smoothgrad")
+    few = checked_map(sg, Quad(), x, torch.ones(1, dtype=torch.long), {"n_samples": 4, "noise_level": 0.5},
+                      names=["img.png"])
+    assert len(few.warnings) == 1 and few.warnings[0].startswith("img.png: smoothgrad map still moves between the two "
+                                                                 "halves of its 4 samples")
+    many = checked_map(sg, Quad(), x, torch.ones(1, dtype=torch.long), {"n_samples": 512, "noise_level": 0.5})
+    assert many.warnings == [] and many.per_image[0]["agreement_estimate"] > 0.95
+
+
+def test_spearman_brown_and_suggested_samples():
+    assert spearman_brown(0.5) == pytest.approx(2 / 3)
+    assert math.isnan(spearman_brown(float("nan")))
+    # 16 samples agreeing at 0.8 need 0.95 * 0.2 / (0.8 * 0.05) = 4.75 times more: 76 -> 128
+    assert samples_for(16, 0.8, 0.95) == 128
+    assert samples_for(16, 0.96, 0.95) == 16
+    assert samples_for(16, -0.2, 0.95) == 128
+
+
+def test_rule_is_checked():
+    with pytest.raises(ValueError, match="tolerance"):
+        ConvergenceRule(tolerance=0)
+    with pytest.raises(ValueError, match="cap"):
+        ConvergenceRule(cap=0)
+
+
+def test_explain_records_convergence_warns_on_stderr_and_in_the_report(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from saliencylab.cli import app
+    from saliencylab.report.writer import write_report
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    common = ["explain", str(tmp_path / "a.png"), "--model", "torchvision:resnet18", "--weights", "random",
+              "--input-size", "32", "--methods", "integrated_gradients,smoothgrad,vanilla", "--set",
+              "integrated_gradients.n_steps=2", "--set", "integrated_gradients.rule=riemann_left", "--set",
+              "smoothgrad.n_samples=2", "--set", "smoothgrad.noise_level=0.5"]
+    out = tmp_path / "off"
+    res = CliRunner().invoke(app, [*common, "--no-adapt", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "results.json").read_text())
+    ig = rec["images"][0]["convergence"]["integrated_gradients"]
+    assert ig["n_steps"] == 2 and not ig["adapted"]
+    assert ig["completeness_share"] == pytest.approx(abs(ig["completeness_error"] / ig["logit_gap"]))
+    assert rec["images"][0]["ig_completeness_error"] == ig["completeness_error"]
+    assert set(rec["images"][0]["convergence"]) == {"integrated_gradients", "smoothgrad"}
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
+    assert warned and warned == [f"warning: {w}" for w in rec["convergence"]["warnings"]]
+    assert all(str(tmp_path / "a.png") in w for w in warned)
+    assert rec["convergence"]["rule"] == {"tolerance": 0.05, "cap": 256, "adapt": False}
+    html = write_report(out).read_text()
+    assert "Not converged" in html and rec["convergence"]["warnings"][0].split(":")[-1].strip() in html
