@@ -61,6 +61,8 @@ def _one_step(rank: int, world_size: int, port: int, queue) -> None:
         queue.put(({k: p.grad.numpy().copy() for k, p in net.named_parameters()},  # numpy: no shared memory
                    {k: v.numpy().copy() for k, v in net.named_buffers()}))
     if world_size > 1:
+        del model  # DDP's reducer first, then both ranks leave together (a rank that tears down gloo while the
+        tdist.barrier()  # other still talks to it aborts: "terminate called without an active exception")
         tdist.destroy_process_group()
 
 

@@ -392,7 +392,8 @@ def test_multi_frame_dicom_says_which_frame(tmp_path):
     res = run("classify", path, *FAST, "-k", "1")
     assert res.exit_code == 0, res.output
     notes = [line for line in res.stderr.splitlines() if "frame" in line]
-    assert notes == [f"note: '{path}' holds 15 frames; using frame 1"]
+    assert notes == [f"note: only the first of the 15 frames of '{path}' was used; pass --frame N for another one "
+                     "or --frame all for every frame"]
     np.testing.assert_allclose(load_image(path).pixels, dicom_grayscale(ds.pixel_array[0], ds)[0], atol=1e-7)
 
 
