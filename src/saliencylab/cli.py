@@ -218,7 +218,7 @@ def explain(
         typer.echo(f"figure.png shows {len(result.images)} of {result.n_images} images (--grid N to change); "
                    "results.json lists all of them")
     if result.reused:
-        typer.echo(f"resumed: {result.computed} maps computed, {result.reused} kept from the earlier run")
+        typer.echo(f"resumed: {result.computed} maps written, {result.reused} kept from the earlier run")
     per = ", ".join(f"{k} {v / max(1, result.n_images):.2f}s" for k, v in result.seconds.items())
     typer.echo(f"seconds per image: {per}")
     typer.echo(f"wrote {out / 'figure.png'} and {out / 'results.json'}")

@@ -130,7 +130,7 @@ def model_hash(clf: Classifier) -> str:
     for name, t in clf.module.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -417,10 +417,11 @@ def _decode(items: Sequence[Item], skip_bad: bool) -> list[tuple[Item, LoadedIma
 def run_shard(clf: Classifier, job: Job, specs: Sequence[MethodSpec], out: Path, shard: int,
               items: Sequence[Item], *, display: Any, skip_bad: bool, pool: ThreadPoolExecutor | None,
               tick: Callable[[int], None]) -> int:
-    """Compute and write every missing row of one shard; return how many maps were computed.
+    """Compute and write every missing row of one shard; return how many maps were written.
 
-    Batches are fixed slices of the shard (`job.batch_size` images): a batch with any missing row is computed
-    whole, so its tensor is the same as in an uninterrupted run, and only the missing rows are written.
+    Batches are fixed slices of the shard (`job.batch_size` images): a method with any missing row in a batch
+    runs on the whole batch, so its tensor is the same as in an uninterrupted run (bit-identical maps whatever
+    the kernels' batch-size dependence), and only the missing rows are written.
     """
     by_name = {s.name: s for s in specs}
     mpath = manifest_path(out, shard)
@@ -447,10 +448,12 @@ def run_shard(clf: Classifier, job: Job, specs: Sequence[MethodSpec], out: Path,
     h5_attrs: dict[str, dict[str, Any]] = {}
 
     def drain(limit: int) -> None:
+        nonlocal computed
         while len(pending) > limit:
             fut, rows = pending.popleft()
             rows = fut.result() if fut is not None else rows
             assert rows is not None
+            computed += sum(r.get("method") is not None for r in rows)
             for r in rows:
                 valid[(r["index"], r.get("method"))] = r
             if job.outputs != "hdf5":
@@ -490,7 +493,6 @@ def run_shard(clf: Classifier, job: Job, specs: Sequence[MethodSpec], out: Path,
             secs[m] = sec / len(good)
             extras.update(extra)
             maps[m] = raw.detach().float().cpu().numpy()
-            computed += len(good)
         for i, (it, img) in enumerate(good):
             mine = [m for m in need if (it.index, m) not in valid]
             if not mine:
@@ -735,6 +737,16 @@ def clean_folder(out: Path, job: Job, names: Sequence[str], methods: Sequence[st
 # ----------------------------------------------------------------------------------------------- entry
 
 
+def _sum_over_ranks(n: int, w: dist.World, device: torch.device) -> int:
+    if not w.distributed:
+        return n
+    import torch.distributed as tdist
+
+    t = torch.tensor([n], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
+    tdist.all_reduce(t)
+    return int(t.item())
+
+
 @dataclass
 class StreamResult:
     """What a streaming explain did, for the caller to print (a sample of images, not all of them)."""
@@ -795,6 +807,7 @@ def explain_stream(clf: Classifier, sources: Sequence[str], specs: Sequence[Meth
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         dist.barrier(w)
+        computed = _sum_over_ranks(computed, w, clf.device)
         summary: dict[str, Any] = {"images": 0, "skipped": 0, "seconds": {}, "sample": [], "grid": 0}
         removed = 0
         if w.main:
@@ -812,4 +825,4 @@ def explain_stream(clf: Classifier, sources: Sequence[str], specs: Sequence[Meth
             raise nothing_read(skipped)
     return StreamResult(out=out, images=summary["sample"], n_images=summary["images"], skipped=skipped,
                         seconds=summary["seconds"], computed=computed,
-                        reused=len(sources) * len(specs) - computed, grid=summary["grid"], removed=removed)
+                        reused=max(0, summary["images"] * len(specs) - computed), grid=summary["grid"], removed=removed)
