@@ -236,7 +236,7 @@ def prepare_folder(out: Path, job: Job, cfg: StreamConfig, w: dist.World) -> Job
     folder holding anything else is refused with one line unless `force`, which empties it first.
     """
     old = _read_job(out)
-    kind = _folder_kind(out, old)
+    kind = _folder_kind(out, old, job.model_hash)
     if kind == "other" and not cfg.force:
         raise UserError(f"--out {out} already holds {_describe_other(out, old)}; pass --force to replace its "
                         "contents, or choose another --out (runs are never mixed in one folder)")
@@ -261,11 +261,12 @@ def _read_job(out: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("kind") == JOB_KIND else None
 
 
-def _folder_kind(out: Path, old: dict[str, Any] | None) -> str:
-    """'fresh' (absent or empty), 'same' (this model's explain job, any version of its options) or 'other'."""
+def _folder_kind(out: Path, old: dict[str, Any] | None, model: str) -> str:
+    """'fresh' (absent or empty), 'same' (this model's explain job, whatever its options) or 'other'."""
     if not out.exists() or not any(out.iterdir()):
         return "fresh"
-    return "same" if old is not None and old.get("version") == JOB_VERSION else "other"
+    same = old is not None and old.get("version") == JOB_VERSION and old.get("model_hash") == model
+    return "same" if same else "other"
 
 
 def _describe_other(out: Path, old: dict[str, Any] | None) -> str:
@@ -284,11 +285,6 @@ def _empty_folder(out: Path) -> None:
             shutil.rmtree(entry.path)
         else:
             os.unlink(entry.path)
-
-
-def same_model(out: Path, h: str) -> bool:
-    old = _read_job(out)
-    return old is not None and old.get("model_hash") == h
 
 
 # ----------------------------------------------------------------------------------------------- outputs
