@@ -106,8 +106,13 @@ def _env() -> dict[str, str]:
 
 
 def _rows_written(out: Path) -> int:
-    return sum(len(p.read_bytes().splitlines()) for p in (out / "manifest").glob("*.jsonl")) \
-        if (out / "manifest").is_dir() else 0
+    n = 0
+    for p in (out / "manifest").glob("shard-*.jsonl"):
+        try:
+            n += len(p.read_bytes().splitlines())
+        except FileNotFoundError:  # replaced while we looked
+            pass
+    return n
 
 
 def _kill_when(proc: subprocess.Popen, out: Path, rows: int, pid_of=lambda p: p.pid, shards=()) -> None:

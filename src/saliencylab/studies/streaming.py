@@ -203,6 +203,22 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _cut(path: Path) -> bool:
+    """Whether the file holds a line that a kill cut short (it does not parse, or lacks its newline)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        return True
+    try:
+        for line in data.splitlines():
+            json.loads(line)
+    except ValueError:
+        return True
+    return False
+
+
 def _append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Append rows with one write() call, so a kill leaves whole lines or none (a cut last line is ignored)."""
     if not rows:
@@ -522,8 +538,8 @@ def run_shard(clf: Classifier, job: Job, specs: Sequence[MethodSpec], out: Path,
             keep = {(r["name"], r["method"]) for r in final if r.get("method") is not None}
             _write_h5(out, shard, job, h5_maps, h5_attrs, keep)
         _write_manifest(mpath, final)
-    elif [r["key"] for r in final] != [r.get("key") for r in old]:
-        _write_manifest(mpath, final)  # canonical order, stale rows dropped
+    elif [r["key"] for r in final] != [r.get("key") for r in read_manifest(mpath)] or _cut(mpath):
+        _write_manifest(mpath, final)  # canonical order, stale rows and cut lines dropped
     return computed
 
 
