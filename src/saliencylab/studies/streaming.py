@@ -42,7 +42,7 @@ import torch
 from saliencylab import dist
 from saliencylab.data.images import LoadedImage, load_image
 from saliencylab.errors import UserError
-from saliencylab.fsutil import _json_default, atomic_path, write_json, write_npy, write_png, write_text
+from saliencylab.fsutil import _json_default, _remove_stale, atomic_path, write_json, write_npy, write_png, write_text
 from saliencylab.methods import MethodSpec, resolve_target
 from saliencylab.models.registry import Classifier
 from saliencylab.ops import resize
@@ -749,6 +749,14 @@ def clean_folder(out: Path, job: Job, names: Sequence[str], methods: Sequence[st
 # ----------------------------------------------------------------------------------------------- entry
 
 
+def _rollback(out: Path, missing: Sequence[Path]) -> None:
+    """Remove a fresh run's folder and the parent folders it made (a failed small run leaves nothing)."""
+    shutil.rmtree(out, ignore_errors=True)
+    for p in missing:
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
 def _sum_over_ranks(n: int, w: dist.World, device: torch.device) -> int:
     if not w.distributed:
         return n
@@ -795,6 +803,9 @@ def explain_stream(clf: Classifier, sources: Sequence[str], specs: Sequence[Meth
                   map_dtype=cfg.map_dtype, overlay_side=cfg.overlay_side, shard_size=cfg.shard_size,
                   batch_size=batch_size, n_inputs=len(sources))
         fresh = not out.exists() or not any(out.iterdir())
+        missing = [p for p in (out, *out.parents) if not os.path.lexists(p)]  # folders this run makes
+        if w.main:
+            _remove_stale(out.parent, f".{out.name}.staging.")  # left beside --out by a killed older version
         job = prepare_folder(out, job, cfg, w)
         dist.barrier(w)
         names = safe_names(sources)
@@ -813,7 +824,7 @@ def explain_stream(clf: Classifier, sources: Sequence[str], specs: Sequence[Meth
                                           pool=pool, tick=bar.update)
         except BaseException:
             if fresh and len(bounds) == 1 and not w.distributed:  # a small run stays all-or-nothing
-                shutil.rmtree(out, ignore_errors=True)
+                _rollback(out, missing)
             raise
         finally:
             if pool is not None:
@@ -834,6 +845,8 @@ def explain_stream(clf: Classifier, sources: Sequence[str], specs: Sequence[Meth
         if summary["images"] == 0:
             from saliencylab.studies.photos import nothing_read
 
+            if fresh:
+                _rollback(out, missing)
             raise nothing_read(skipped)
     return StreamResult(out=out, images=summary["sample"], n_images=summary["images"], skipped=skipped,
                         seconds=summary["seconds"], computed=computed,
