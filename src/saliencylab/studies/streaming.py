@@ -658,7 +658,7 @@ def summarise(out: Path, job: Job, specs: Sequence[MethodSpec], *, display: Any,
         "methods": {m.name: {"options": defaults[m.name], "family": m.family, "paper": m.paper,
                              "seconds": round(seconds[m.name], 4),
                              "seconds_per_image": round(seconds[m.name] / max(1, n_images), 4)} for m in specs},
-        "figure": "figure.png",
+        "figure": "figure.png" if picks else None,
         "job": {"shard_size": job.shard_size, "shards": n_shards, "outputs": job.outputs, "map_dtype": job.map_dtype,
                 "manifests": [manifest_path(Path("."), s).as_posix() for s in range(n_shards)],
                 "maps_at": "the model's input resolution; saliencylab.studies.streaming.load_map() resizes to the "
@@ -695,6 +695,8 @@ def summarise(out: Path, job: Job, specs: Sequence[MethodSpec], *, display: Any,
         rows.append(GridRow(thumb, f"{rec['name']}\n{t['class']} {100 * t['probability']:.1f}%", maps))
     if rows:
         saliency_grid(rows, [m.name for m in specs], out / "figure.png", alpha=display.alpha, cmap=display.cmap)
+    else:
+        (out / "figure.png").unlink(missing_ok=True)  # --grid 0: no figure, and none left from before
     return {"images": n_images, "skipped": n_skipped, "seconds": seconds, "sample": sample, "grid": len(rows)}
 
 
