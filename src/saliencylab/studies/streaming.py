@@ -638,7 +638,7 @@ def summarise(out: Path, job: Job, specs: Sequence[MethodSpec], *, display: Any,
     seconds = dict.fromkeys(job.methods, 0.0)
     n_images = n_skipped = 0
     classes: dict[str, int] = {}
-    ig: list[float] = []
+    ig_sum, ig_max, ig_n = 0.0, 0.0, 0  # running, so memory does not grow with the images
     for rec in iter_images(out, n_shards):
         if "skipped" in rec:
             n_skipped += 1
@@ -646,7 +646,8 @@ def summarise(out: Path, job: Job, specs: Sequence[MethodSpec], *, display: Any,
         n_images += 1
         classes[rec["target"]["class"]] = classes.get(rec["target"]["class"], 0) + 1
         if "ig_completeness_error" in rec:
-            ig.append(abs(float(rec["ig_completeness_error"])))
+            e = abs(float(rec["ig_completeness_error"]))
+            ig_sum, ig_max, ig_n = ig_sum + e, max(ig_max, e), ig_n + 1
     for r in iter_rows(out, n_shards):
         if r.get("method") in seconds:
             seconds[r["method"]] += float(r.get("seconds", 0.0))
@@ -664,8 +665,8 @@ def summarise(out: Path, job: Job, specs: Sequence[MethodSpec], *, display: Any,
                 "maps_at": "the model's input resolution; saliencylab.studies.streaming.load_map() resizes to the "
                            "image (bilinear, half-pixel centres)"},
         "summary": {"images": n_images, "skipped": n_skipped, "targets": dict(sorted(classes.items())),
-                    "ig_abs_completeness_error_mean": float(np.mean(ig)) if ig else None,
-                    "ig_abs_completeness_error_max": float(np.max(ig)) if ig else None,
+                    "ig_abs_completeness_error_mean": ig_sum / ig_n if ig_n else None,
+                    "ig_abs_completeness_error_max": ig_max if ig_n else None,
                     "grid_images": len(picks)},
     }
     with atomic_path(out / "results.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
