@@ -67,6 +67,8 @@ def _explain(files: list[str] | str, model: Path, out: Path, *, nproc: int, work
         env = _env(max(1, (os.cpu_count() or 2) // nproc))
     else:
         cmd, env = [sys.executable, "-m", "saliencylab.cli", *args], _env()
+    print(f"running {nproc} process(es), {len(files) if isinstance(files, list) else 'all'} inputs ...",
+          file=sys.stderr, flush=True)
     wall, rss = _run(cmd, env)
     res = json.loads((out / "results.json").read_text())
     n = res["summary"]["images"]
@@ -82,6 +84,7 @@ def _explain(files: list[str] | str, model: Path, out: Path, *, nproc: int, work
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="phantoms (default 2000)")
+    ap.add_argument("--no-workers0", action="store_true", help="skip the --workers 0 comparison run")
     ap.add_argument("--small", action="store_true", help="200 phantoms: a quick check")
     ap.add_argument("--nproc", type=int, default=2, help="torchrun processes (0 or 1: skip torchrun)")
     ap.add_argument("--workers", type=int, default=2, help="--workers of explain")
@@ -114,8 +117,9 @@ def main() -> None:
                                             batch=a.batch_size)
         runs[f"local_{n}"] = _explain(str(work / "data"), model, work / "o2", nproc=1, workers=a.workers,
                                       batch=a.batch_size)
-        runs[f"local_{n}_workers0"] = _explain(str(work / "data"), model, work / "o3", nproc=1, workers=0,
-                                               batch=a.batch_size)
+        if not a.no_workers0:
+            runs[f"local_{n}_workers0"] = _explain(str(work / "data"), model, work / "o3", nproc=1, workers=0,
+                                                   batch=a.batch_size)
         if a.nproc > 1:
             runs[f"torchrun{a.nproc}_{n}"] = _explain(str(work / "data"), model, work / "o4", nproc=a.nproc,
                                                       workers=a.workers, batch=a.batch_size)
