@@ -13,9 +13,10 @@ from typing import Any, TypeVar
 
 import typer
 
+from saliencylab.clihelp import HelpTyper
 from saliencylab.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+app = HelpTyper(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="What did the image classifier look at, and can we trust that?")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,10 +29,28 @@ MEAN_HELP = "per-channel mean the model subtracts from pixels in [0, 1], e.g. 0.
 STD_HELP = "per-channel std the model divides by, e.g. 0.229,0.224,0.225"
 CLASSES_HELP = "class names, comma-separated, one per output (negative,positive for one logit)"
 CLASSES_FILE_HELP = "a text file of class names, one per line"
+FRAME_HELP = ("which frame of a multi-frame DICOM: a number (1 is the first) or all (one image per frame, named "
+              "file.dcm#frame=K); default: the first, with a note")
 WEIGHTS_HELP = "a weights file (state dict) for the model; 'random' for an untrained one"
 DATA_HELP = ("labelled images: a dataset folder (<class>/images + <class>/masks, <class>/*.png) or a CSV of "
              "file,label[,mask][,group] (default: the run's own test split)")
 MASKS_HELP = "a folder of lung masks, matched to the images by file name"
+
+
+@app.callback()
+def _options(
+    threads: int = typer.Option(None, "--threads", min=1, show_default=False,
+                                help="CPU threads for torch (default: $SALIENCYLAB_THREADS, else $OMP_NUM_THREADS, "
+                                     "else the CPUs this process may use: affinity and cgroup quota)"),
+) -> None:
+    """What did the image classifier look at, and can we trust that?"""
+    from saliencylab.runtime import configure
+
+    try:
+        configure(threads)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 def friendly(fn: F) -> F:
@@ -47,6 +66,8 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted; nothing partial was written", err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `saliencylab methods --json | head`: the reader left; stop quietly
+            raise typer.Exit(quiet_broken_pipe()) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as err:
@@ -57,6 +78,17 @@ def friendly(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def quiet_broken_pipe() -> int:
+    """After a BrokenPipeError on stdout: point stdout at /dev/null so that the interpreter's last flush
+    cannot raise again, and return the exit status of a process ended by SIGPIPE (141), as `yes | head` does."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (a test runner's buffer)
+        pass
+    return 141
 
 
 @app.command(epilog="Examples:  saliencylab classify  ·  saliencylab classify photos/ --top-k 3 --json top.json  ·  "
@@ -72,6 +104,7 @@ def classify(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per forward pass"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
+    frame: str = typer.Option(None, "--frame", help=FRAME_HELP),
     input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
     channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
@@ -81,6 +114,7 @@ def classify(
 ) -> None:
     """Classify images and print the top-k classes with probabilities (the article's Table 1)."""
     from saliencylab.data import expand_inputs
+    from saliencylab.data.images import parse_frame
     from saliencylab.fsutil import check_output_file, write_json
     from saliencylab.models import load_model, preprocessing_kwargs
     from saliencylab.studies.photos import classify as run
@@ -88,7 +122,7 @@ def classify(
 
     if json_path is not None:
         check_output_file(json_path, "--json")
-    sources = expand_inputs(inputs or [])
+    sources = expand_inputs(inputs or [], frame=parse_frame(frame))
     clf = load_model(model, weights=weights, device=device,
                      **preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file))
     skipped: list[tuple[str, str]] = []
@@ -137,10 +171,12 @@ def explain(
     smooth: float = typer.Option(0.01, "--smooth", min=0.0,
                                  help="Gaussian sigma as a fraction of the longer image side (0: off; display only)"),
     sign: str = typer.Option("abs", "--sign", help="abs, positive or signed (display only)"),
-    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="overlay opacity"),
-    cmap: str = typer.Option(None, "--cmap", help="matplotlib colormap (default jet; bwr for signed)"),
+    alpha: float = typer.Option(0.7, "--alpha", min=0.0, max=1.0,
+                                help="overlay opacity at the map's peak (it follows the saliency; below 0.1: none)"),
+    cmap: str = typer.Option(None, "--cmap", help="matplotlib colormap (default inferno; bwr for signed)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
+    frame: str = typer.Option(None, "--frame", help=FRAME_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
     input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
     channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
@@ -168,6 +204,7 @@ def explain(
     run (only missing or changed maps are computed). Runs unchanged under torchrun (one process per GPU).
     """
     from saliencylab.data import expand_inputs
+    from saliencylab.data.images import parse_frame
     from saliencylab.dist import local_device
     from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
@@ -193,7 +230,7 @@ def explain(
     specs = parse_methods(methods)
     options = parse_method_options(set_options or [], specs, method_batch_size)
     check_output_dir(out, "--out", beside=True)
-    sources = expand_inputs(inputs or [])
+    sources = expand_inputs(inputs or [], frame=parse_frame(frame))
     model_kwargs = preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file)
     clf = load_model(model, weights=weights, device=str(local_device(device)), **model_kwargs)
     if methods.strip() == "all":  # every method that applies to this model (rollout needs a transformer, ...)
@@ -235,7 +272,8 @@ def phantoms(
     size: int = typer.Option(256, "--size", min=32, help="image side in pixels"),
     seed: int = typer.Option(0, "--seed", help="every image's seed derives from it"),
     marker_rate: str = typer.Option("0.5", "--marker-rate",
-                                    help="'L' marker rate per class, CLASS=RATE,... (equal rates: no shortcut)"),
+                                    help="lead marker rate per class ('L' on the patient's left, the image's right; or "
+                                         "'R'), CLASS=RATE,... (equal rates: no shortcut)"),
     exposure_shift: str = typer.Option("0", "--exposure-shift", help="brightness shift per class, CLASS=SHIFT,..."),
     lesion_scale: float = typer.Option(1.0, "--lesion-scale", min=0.0, help="lesion opacity multiplier"),
     workers: int = typer.Option(0, "--workers", min=0, help="processes (0: all cores)"),
@@ -307,6 +345,10 @@ def train(
                       group_column=group_column, max_minutes=max_minutes)
     summary = run(cfg, out, resume=resume, device=str(resolve_device(device)), progress=progress,
                   log=typer.echo)
+    from saliencylab.dist import world
+
+    if not world().main:  # under torchrun, rank 0 speaks
+        return
     typer.echo(f"best validation loss {summary['best_val_loss']:.4f}; checkpoint {out / 'best.pt'}")
 
 
@@ -355,6 +397,10 @@ def evaluate(
                        n_per_side=per_side, low=low, high=high, seed=seed, batch_size=batch_size, progress=progress,
                        log=lambda line: typer.echo(line, err=True),
                        model_kwargs=preprocessing_kwargs(input_size, channels, mean, std))
+    from saliencylab.dist import world
+
+    if not world().main:  # under torchrun, rank 0 speaks
+        return
     typer.echo(f"{metrics['scope']} of {metrics['data']}: {metrics['n']} images"
                + (f" ({metrics['unreadable']} unreadable skipped)" if metrics["unreadable"] else ""))
     for line in summary_lines(metrics):
@@ -485,7 +531,7 @@ def serve(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     token: str = typer.Option(None, "--token", envvar="SALIENCYLAB_TOKEN", help="require this token on every API call"),
 ) -> None:
-    """A browser workbench and HTTP API on this machine (needs `pip install saliencylab[web]`)."""
+    """A browser workbench and HTTP API on this machine (needs `pip install 'saliencylab\\[web]'`)."""
     from saliencylab.web.server import run_server
 
     run_server(host=host, port=port, models=model or ["efficientnet_lite0"], max_upload_mb=max_upload_mb,
@@ -500,13 +546,16 @@ def list_methods(as_json: bool = typer.Option(False, "--json", help="machine-rea
 
     if as_json:
         typer.echo(json.dumps({n: {"family": s.family, "paper": s.paper, "options": {
-            k: d["default"] for k, d in s.describe_options().items()}, "option_types": s.describe_options()}
+            k: d["default"] for k, d in s.describe_options().items()}, "allowed": {
+            k: d["expects"] for k, d in s.describe_options().items()}, "option_types": s.describe_options()}
             for n, s in METHODS.items()}, indent=2))
         return
+    typer.echo(f"{'METHOD':<22} {'FAMILY':<13} PAPER")
+    typer.echo(f"    {'OPTION':<14} {'DEFAULT':<16} ALLOWED VALUES   (change with --set METHOD.OPTION=VALUE)")
     for name, spec in METHODS.items():
         typer.echo(f"{name:<22} {spec.family:<13} {spec.paper}")
         for k, d in spec.describe_options().items():
-            typer.echo(f"    {k + '=' + repr(d['default']):<26} {d['expects']}")
+            typer.echo(f"    {k:<14} {d['default']!r:<16} {d['expects']}")
 
 
 @app.command("models")
@@ -521,7 +570,10 @@ def list_models() -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # `saliencylab explain --help | head`: help text written after the reader left
+        sys.exit(quiet_broken_pipe())
 
 
 if __name__ == "__main__":

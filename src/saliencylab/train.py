@@ -4,6 +4,7 @@ validation loss, resumable and seeded. Images are decoded once into an in-memory
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -23,6 +24,21 @@ from saliencylab.data.datasets import (
     make_split,
     parse_split,
     split_text,
+)
+from saliencylab.dist import (
+    World,
+    all_reduce_sum,
+    broadcast_flag,
+    gather_shards,
+    global_batch_layers,
+    global_rows,
+    local_device,
+    local_workers,
+    my_shards,
+    process_group,
+    row_bounds,
+    shard_bounds,
+    world,
 )
 from saliencylab.errors import UserError
 from saliencylab.fsutil import atomic_path, write_json, write_text
@@ -78,9 +94,8 @@ def build_classifier(cfg: TrainConfig) -> tuple[Classifier, str, dict[str, Any]]
     raise UserError(f"--model {cfg.model}: train supports cxr_cnn and efficientnet_lite0 (transfer learning)")
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, *, hflip: bool = False) -> torch.Tensor:
-    """Small random affine (shift 4%, rotation 5 degrees, scale 5%) and exposure jitter; x[B, C, H, W] in [0, 1]."""
-    b = x.shape[0]
+def draw_augment(b: int, gen: torch.Generator, *, hflip: bool = False) -> dict[str, torch.Tensor]:
+    """The random draws of `augment` for b images: theta[b, 2, 3] (affine), gain and bias [b, 1, 1, 1]."""
     angle = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(5)
     scale = 1 + (torch.rand(b, generator=gen) * 2 - 1) * 0.05
     shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * 0.08  # of the half-width: 4% of the side
@@ -89,11 +104,21 @@ def augment(x: torch.Tensor, gen: torch.Generator, *, hflip: bool = False) -> to
     if hflip:
         flip = torch.rand(b, generator=gen) < 0.5
         theta[flip, 0, :2] *= -1
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     gain = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.1
     bias = (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.05
-    return (x * gain + bias).clamp(0, 1)
+    return {"theta": theta, "gain": gain, "bias": bias}
+
+
+def apply_augment(x: torch.Tensor, draw: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply one draw of `draw_augment` (its rows match x's) to x[B, C, H, W] in [0, 1]; each row on its own."""
+    grid = F.affine_grid(draw["theta"], list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (x * draw["gain"] + draw["bias"]).clamp(0, 1)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, *, hflip: bool = False) -> torch.Tensor:
+    """Small random affine (shift 4%, rotation 5 degrees, scale 5%) and exposure jitter; x[B, C, H, W] in [0, 1]."""
+    return apply_augment(x, draw_augment(x.shape[0], gen, hflip=hflip))
 
 
 def evaluate_logits(clf: Classifier, cache: np.ndarray, idx: np.ndarray, batch_size: int = 128) -> np.ndarray:
@@ -194,10 +219,24 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
     The run folder gets config.json, split.csv, best.pt (a saliencylab checkpoint), state.pt (for
     --resume), history.csv and history.png. Each epoch reseeds from (seed, epoch), so a resumed run
     reproduces an uninterrupted one.
+
+    Under torchrun every rank takes a contiguous slice of the same global batch (DistributedDataParallel;
+    batch norm statistics and dropout masks of the global batch, see `dist.global_batch_layers`), so the
+    losses are those of one process up to float rounding, and a run resumes with any number of processes.
+    Rank 0 alone logs and writes files.
     """
+    w = world()
+    dev = local_device(device, w) if w.distributed else torch.device(device)
+    if not w.main:
+        log, progress = (lambda *_: None), False
+    with process_group(w, dev):
+        return _train(cfg, Path(out), w, dev, resume=resume, progress=progress, log=log)
+
+
+def _train(cfg: TrainConfig, out: Path, w: World, dev: torch.device, *, resume: bool, progress: bool | None,
+           log: Any) -> dict[str, Any]:
     from tqdm import tqdm
 
-    out = Path(out)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, classes=cfg.classes, metadata_group=cfg.group_column)
     state_path = out / "state.pt"
@@ -218,7 +257,6 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
         labels[fit] = labels[fit][np.random.default_rng(cfg.seed).permutation(len(fit))]
 
     clf, arch, arch_kwargs = build_classifier(cfg)
-    dev = torch.device(device)
     clf.to(dev)
     opt = torch.optim.Adam(clf.module.parameters(), lr=cfg.lr)
     history: list[dict[str, Any]] = []
@@ -234,7 +272,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
         history, best, start_epoch = list(st["history"]), float(st["best"]), int(st["epoch"]) + 1
     size = clf.input_size[0]
     t0 = time.perf_counter()
-    cache, bad = decode_cache(ds, ds.records, size, cfg.workers, progress)
+    cache, bad = decode_cache(ds, ds.records, size, local_workers(cfg.workers), progress)
     decode_s = time.perf_counter() - t0
     usable = np.ones(len(ds.records), bool)
     bad_files = {f for f, _ in bad}
@@ -251,12 +289,15 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
     log(f"data: {len(ds.records)} images ({', '.join(f'{k} {v}' for k, v in ds.counts().items())}), layout "
         f"{ds.layout}; train {len(tr)}, val {len(va)}, test {int((split_arr == 'test').sum())}; "
         f"{len(bad)} unreadable skipped; decoded in {decode_s:.1f}s")
+    net = _ddp_model(clf, w, dev, log)
     meta = {"split_hash": split_hash, "unreadable": len(bad), "train_images": len(tr), "val_images": len(va)}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", asdict(cfg))
-    write_text(out / "split.csv", split_csv)
-    write_json(out / "unreadable.json", [{"file": f, "reason": r} for f, r in bad])
+    if w.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", asdict(cfg))
+        write_text(out / "split.csv", split_csv)
+        write_json(out / "unreadable.json", [{"file": f, "reason": r} for f, r in bad])
     started = time.perf_counter()
+    pw = torch.tensor(pos_weight, device=dev)
     for epoch in range(start_epoch, cfg.epochs + 1):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout and augmentation: reproducible per epoch
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -266,24 +307,30 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
         bar = tqdm(total=len(order), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=None if progress is None else not progress)
         for lo in range(0, len(order), cfg.batch_size):
-            idx = order[lo:lo + cfg.batch_size]
-            x = to_batch(cache, idx, clf.channels)
-            if cfg.augment:
-                x = augment(x, gen, hflip=cfg.hflip)
-            y = torch.from_numpy(labels[idx]).float().to(dev)
-            logits = clf.module(x.to(dev, memory_format=torch.channels_last))[:, 0]
-            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(pos_weight, device=dev))
+            idx = order[lo:lo + cfg.batch_size]  # the global batch; this rank takes rows [a, b)
+            a, b = row_bounds(len(idx), w)
+            draw = draw_augment(len(idx), gen, hflip=cfg.hflip) if cfg.augment else None
+            x = to_batch(cache, idx[a:b], clf.channels)
+            if draw is not None:
+                x = apply_augment(x, {k: v[a:b] for k, v in draw.items()})
+            y = torch.from_numpy(labels[idx[a:b]]).float().to(dev)
+            with global_rows(a, b, len(idx)):
+                logits = net(x.to(dev, memory_format=torch.channels_last))[:, 0]
+            rows = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pw, reduction="none")
+            # sum / global count, times the world size that DDP divides the summed gradients by
+            loss = rows.mean() if not w.distributed else rows.sum() / len(idx) * w.size
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             seen += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx) / w.size
             correct += int(((logits.detach() > 0).float() == y).sum())
             bar.update(len(idx))
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
+        loss_sum, correct = all_reduce_sum([loss_sum, float(correct)], w, dev)
         train_s = time.perf_counter() - e0
-        val_loss, val_acc = _loss_acc(evaluate_logits(clf, cache, va), labels[va], pos_weight)
+        val_loss, val_acc = _loss_acc(_val_logits(clf, cache, va, w), labels[va], pos_weight)
         row = {"epoch": epoch, "train_loss": round(loss_sum / max(seen, 1), 6),
                "train_acc": round(correct / max(seen, 1), 6),
                "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6), "seconds": round(train_s, 2),
@@ -292,19 +339,55 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, device: st
         improved = val_loss < best
         if improved:
             best = val_loss
-            save_checkpoint(clf, out / "best.pt", arch=arch, arch_kwargs=arch_kwargs, config=asdict(cfg),
-                            extra=meta | {"epoch": epoch, "val_loss": val_loss, "num_outputs": 1})
-        with atomic_path(state_path) as tmp:
-            torch.save({"model": clf.module.net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                        "history": history, "best": best, "split_hash": split_hash}, tmp)
-        _write_history(out, history)
+        if w.main:
+            if improved:
+                save_checkpoint(clf, out / "best.pt", arch=arch, arch_kwargs=arch_kwargs, config=asdict(cfg),
+                                extra=meta | {"epoch": epoch, "val_loss": val_loss, "num_outputs": 1})
+            with atomic_path(state_path) as tmp:
+                torch.save({"model": clf.module.net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                            "history": history, "best": best, "split_hash": split_hash}, tmp)
+            _write_history(out, history)
         log(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | val loss "
             f"{val_loss:.4f} acc {val_acc:.3f} | {row['images_per_second']:.0f} img/s{' | best' if improved else ''}")
-        if cfg.max_minutes and (time.perf_counter() - started) / 60 > cfg.max_minutes and epoch < cfg.epochs:
+        spent = bool(cfg.max_minutes) and (time.perf_counter() - started) / 60 > cfg.max_minutes
+        if broadcast_flag(spent, w, dev) and epoch < cfg.epochs:  # rank 0's clock decides for every rank
             log(f"stopping after epoch {epoch}: the {cfg.max_minutes:g}-minute budget is spent")
             break
     return {"run": str(out), "best_val_loss": best, "epochs": len(history), "history": history,
-            "decode_seconds": decode_s, **meta}
+            "decode_seconds": decode_s, "world_size": w.size, **meta}
+
+
+def _ddp_model(clf: Classifier, w: World, dev: torch.device, log: Any) -> torch.nn.Module:
+    """The module to call in training: clf.module itself, or under torchrun a DistributedDataParallel of it
+    whose batch norms and dropouts see the global batch (the layers are swapped in place; same state dict)."""
+    if not w.distributed:
+        return clf.module
+    from torch.nn.parallel import DistributedDataParallel
+
+    _, others = global_batch_layers(clf.module)
+    if others and dev.type == "cuda":
+        from timm.layers import convert_sync_batchnorm
+
+        convert_sync_batchnorm(clf.module)  # in place below the top: timm's BatchNormAct2d -> SyncBatchNormAct
+    elif others:
+        log(f"note: {len(others)} batch-norm layers ({type(clf.module.get_submodule(others[0])).__name__}) keep "
+            "per-process statistics on CPU: losses differ a little from one process")
+    ids = [dev.index] if dev.type == "cuda" else None
+    # the running statistics are the same on every rank (global batch): no buffer broadcast per forward
+    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel).parameters else {"broadcast_buffers": False}
+    return DistributedDataParallel(clf.module, device_ids=ids, output_device=dev.index if ids else None, **sync)
+
+
+def _val_logits(clf: Classifier, cache: np.ndarray, va: np.ndarray, w: World, batch_size: int = 128) -> np.ndarray:
+    """`evaluate_logits` over the validation images, its batches shared among the ranks and gathered."""
+    if not w.distributed:
+        return evaluate_logits(clf, cache, va, batch_size)
+    bounds = shard_bounds(len(va), batch_size)
+    mine = {i: evaluate_logits(clf, cache, va[bounds[i][0]:bounds[i][1]], batch_size)
+            for i in my_shards(len(bounds), w)}
+    every = gather_shards(mine, w)
+    return np.concatenate([every[i] for i in range(len(bounds))]) if bounds else np.zeros(0, np.float32)
 
 
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:

@@ -39,7 +39,9 @@ def decode_cache(ds: Dataset, records: Sequence[Record], size: int, workers: int
                 _store(out, bad, i, arr, err, records)
                 bar.update()
         else:
-            with get_context("fork").Pool(n_workers) as pool:
+            from saliencylab.runtime import worker_init
+
+            with get_context("fork").Pool(n_workers, initializer=worker_init) as pool:
                 for i, (arr, err) in enumerate(pool.imap(_decode_one, jobs, chunksize=32)):
                     _store(out, bad, i, arr, err, records)
                     bar.update()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,9 @@ DICOM_EXTENSIONS = (".dcm", ".dicom")
 DEFAULT_SAMPLES = ("chelsea", "coffee", "rocket", "motorcycle_left")
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 0.25 GB of 24-bit RGB)
 _FORMATS_HINT = "supported: PNG, JPEG, BMP, TIFF, WebP and DICOM"
+_FRAME = re.compile(r"^(?P<path>.+)#frame=(?P<k>\d+)$")
+Frame = int | str | None
+"""Which frames of a multi-frame DICOM to read: a 1-based frame number, 'all', or None (the first, with a note)."""
 
 
 @dataclass
@@ -70,10 +74,68 @@ def _sample_path(name: str) -> Path:
     raise UserError(f"unknown sample 'sample:{name}'.{hint} Available: {', '.join(sample_names())}")
 
 
-def expand_inputs(specs: Iterable[str], *, default_samples: bool = True) -> list[str]:
+def parse_frame(value: str | None, flag: str = "--frame") -> Frame:
+    """'3' -> 3, 'all' -> 'all', None -> None; anything else is a UserError naming the flag."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == "all":
+        return "all"
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise UserError(f"{flag} {value}: give a frame number (1 is the first frame) or 'all'")
+
+
+def split_frame(source: str) -> tuple[str, int | None]:
+    """'scan.dcm#frame=3' -> ('scan.dcm', 3); a source without the suffix -> (source, None)."""
+    m = _FRAME.match(source)
+    if m is None or os.path.exists(source):
+        return source, None
+    return m["path"], int(m["k"])
+
+
+def _is_dicom(path: str) -> bool:
+    p = Path(path)
+    if p.suffix.lower() in DICOM_EXTENSIONS:
+        return True
+    try:
+        return p.is_file() and p.stat().st_size >= 132 and _looks_like_dicom(p)
+    except OSError:
+        return False
+
+
+def dicom_frames(path: str) -> int:
+    """Number of frames a DICOM file declares (1 when it says nothing or cannot be read: loading reports why)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except Exception:
+        return 1
+
+
+def with_frames(sources: Iterable[str], frame: Frame) -> list[str]:
+    """Point every DICOM source at its frames: frame N -> `file.dcm#frame=N`; 'all' -> one source per frame
+    of a multi-frame file (`file.dcm#frame=1`, ...); None leaves them as they are. Other images pass through."""
+    out: list[str] = []
+    for source in sources:
+        if frame is None or source.startswith("sample:") or split_frame(source)[1] is not None \
+                or not _is_dicom(source):
+            out.append(source)
+        elif frame == "all":
+            n = dicom_frames(source)
+            out.extend([source] if n == 1 else [f"{source}#frame={k}" for k in range(1, n + 1)])
+        else:
+            out.append(f"{source}#frame={frame}")
+    return out
+
+
+def expand_inputs(specs: Iterable[str], *, default_samples: bool = True, frame: Frame = None) -> list[str]:
     """Turn files, folders (searched recursively), globs and `sample:<name>` into a list of sources.
 
     With no specs and `default_samples`, the four bundled photos that stand in for the article's.
+    `frame` picks frames of multi-frame DICOM files (see `with_frames`).
     """
     specs = list(specs)
     if not specs and default_samples:
@@ -98,11 +160,11 @@ def expand_inputs(specs: Iterable[str], *, default_samples: bool = True) -> list
             out.extend(found)
         else:
             out.append(spec)  # a file: checked when it is read
-    return out
+    return with_frames(out, frame)
 
 
 def load_image(source: str, *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
-    """Decode one source (a file path or `sample:<name>`) to float32 pixels in [0, 1].
+    """Decode one source (a file path, `file.dcm#frame=K` or `sample:<name>`) to float32 pixels in [0, 1].
 
     Raises:
         UserError: the file is missing, empty, not an image, truncated, too large, or unsupported.
@@ -113,7 +175,8 @@ def load_image(source: str, *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
         img = _load_pil(path, max_pixels)
         img.source, img.name = source, name
         return img
-    path = Path(source)
+    path_text, frame = split_frame(source)
+    path = Path(path_text)
     if not path.exists():
         if os.path.lexists(path):
             raise UserError(f"cannot read '{source}': it is a broken or looping symbolic link; point it at a file")
@@ -123,7 +186,12 @@ def load_image(source: str, *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
     if path.stat().st_size == 0:
         raise UserError(f"'{source}' is empty (0 bytes); re-export or re-copy the file")
     if path.suffix.lower() in DICOM_EXTENSIONS or _looks_like_dicom(path):
-        return _load_dicom(path)
+        img = _load_dicom(path, frame)
+        if frame is not None:
+            img.source, img.name = source, f"{path.stem}_frame{frame}"
+        return img
+    if frame is not None:
+        raise UserError(f"'{source}': only DICOM files have frames; drop '#frame={frame}'")
     return _load_pil(path, max_pixels)
 
 
@@ -212,7 +280,8 @@ def _pil_to_float(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
     return np.ascontiguousarray(np.nan_to_num(arr, nan=0.0), dtype=np.float32), meta
 
 
-def _load_dicom(path: Path) -> LoadedImage:
+def _load_dicom(path: Path, frame: int | None = None) -> LoadedImage:
+    """Decode a DICOM image; of a multi-frame file, frame `frame` (1-based), or the first with a note on stderr."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -230,18 +299,28 @@ def _load_dicom(path: Path) -> LoadedImage:
                         "pass an image")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     _check_dicom_length(path, ds, syntax)
+    frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    if frame is not None and not 1 <= frame <= frames:
+        raise UserError(f"'{path}' has {frames} frame{'s' if frames > 1 else ''}; frame {frame} is out of range "
+                        f"(--frame 1..{frames}, or --frame all)")
     try:
-        arr = ds.pixel_array
+        if frames > 1:  # decode only the frame asked for (a cine loop may hold hundreds)
+            from pydicom.pixels import pixel_array
+
+            arr = pixel_array(ds, index=(frame or 1) - 1)
+        else:
+            arr = ds.pixel_array
     except Exception as err:
         raise UserError(_decode_failure(path, syntax, err)) from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     meta: dict[str, Any] = {"format": "DICOM", "photometric": photometric,
                             "bits": int(ds.get("BitsStored", 8) or 8), "frames": frames}
     if frames > 1:
-        arr = arr[0]
-        meta["note"] = f"first of {frames} frames"
-        sys.stderr.write(f"note: '{path}' holds {frames} frames; using frame 1\n")
+        meta["frame"] = frame or 1
+        if frame is None:
+            meta["note"] = f"first of {frames} frames"
+            sys.stderr.write(f"note: only the first of the {frames} frames of '{path}' was used; "
+                             "pass --frame N for another one or --frame all for every frame\n")
     if photometric == "PALETTE COLOR" and arr.ndim == 2:
         from pydicom.pixels import apply_color_lut
 

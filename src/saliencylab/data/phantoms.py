@@ -777,16 +777,22 @@ def generate(config: PhantomConfig, out: str | Path, *, progress: bool | None = 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     disable = None if progress is None else not progress
-    with tqdm(total=len(jobs), unit="img", desc="phantoms", disable=disable) as bar:
-        if workers == 1:
-            for job in jobs:
-                rows.append(_write_one(job))
-                bar.update()
-        else:
-            with get_context("fork").Pool(workers) as pool:
-                for row in pool.imap(_write_one, jobs, chunksize=16):
-                    rows.append(row)
+    try:
+        with tqdm(total=len(jobs), unit="img", desc="phantoms", disable=disable) as bar:
+            if workers == 1:
+                for job in jobs:
+                    rows.append(_write_one(job))
                     bar.update()
+            else:
+                from saliencylab.runtime import worker_init
+
+                with get_context("fork").Pool(workers, initializer=worker_init) as pool:
+                    for row in pool.imap(_write_one, jobs, chunksize=16):
+                        rows.append(row)
+                        bar.update()
+    except BaseException:  # Ctrl-C or an error: the pool is stopped; drop the image a worker was writing
+        _remove_partial(out)
+        raise
     seconds = time.perf_counter() - start
     import io
 
@@ -800,6 +806,14 @@ def generate(config: PhantomConfig, out: str | Path, *, progress: bool | None = 
                "anatomy": anatomy}
     write_json(done_file, summary)
     return summary
+
+
+def _remove_partial(out: Path) -> None:
+    """Delete the `.<name>.tmp` files that workers stopped mid-write left (finished images are renamed)."""
+    for cls in CLASSES:
+        for sub in ("images", "masks", "lesions", "shortcuts"):
+            for tmp in (out / cls / sub).glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 def _warm(size: int, anatomy: str) -> None:

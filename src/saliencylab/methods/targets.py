@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 
 import torch
@@ -20,8 +21,8 @@ def resolve_target(model: nn.Module, x: torch.Tensor, target: Target = "predicte
 
     Args:
         target: 'predicted' (argmax in eval mode; for one logit, logit > 0), a class index, a class name
-            (case-insensitive), 'positive' / 'negative' for a single-logit binary model, or one index
-            per image.
+            (case-insensitive; or words of exactly one class name, see `class_matches`), 'positive' /
+            'negative' for a single-logit binary model, or one index per image.
         class_names: the model's class names, for names and range checks.
     """
     b = x.shape[0]
@@ -50,6 +51,31 @@ def resolve_target(model: nn.Module, x: torch.Tensor, target: Target = "predicte
     lowered = [c.lower() for c in class_names]
     if target.lower() in lowered:
         return torch.full((b,), lowered.index(target.lower()), dtype=torch.long, device=x.device)
+    found = class_matches(target, class_names)
+    if len(found) == 1:
+        return torch.full((b,), found[0], dtype=torch.long, device=x.device)
+    if found:
+        listed = ", ".join(f"'{class_names[i]}' ({i})" for i in found[:12])
+        more = f" and {len(found) - 12} more" if len(found) > 12 else ""
+        raise UserError(f"--target '{target}' matches {len(found)} classes: {listed}{more}; give one of these "
+                        "names (quoted) or its index")
     close = difflib.get_close_matches(target.lower(), lowered, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(class_names[lowered.index(c)]) for c in close)}?" if close else ""
     raise UserError(f"unknown class name '{target}'.{hint} Use 'predicted', a class index or an exact class name")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[0-9a-z]+", text.lower())
+
+
+def class_matches(name: str, class_names: Sequence[str]) -> list[int]:
+    """Indices of the classes that contain every word of `name` as a word ('cat' -> 'tiger cat', 'Egyptian
+    cat', ...); if none, those that contain `name` inside a word ('cat' -> 'polecat'); case-insensitive."""
+    words = _words(name)
+    if not words:
+        return []
+    whole = [i for i, c in enumerate(class_names) if set(words) <= set(_words(c))]
+    if whole:
+        return whole
+    part = name.strip().lower()
+    return [i for i, c in enumerate(class_names) if part in c.lower()]

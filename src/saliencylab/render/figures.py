@@ -34,42 +34,84 @@ def save_figure(fig: Any, path: str | os.PathLike, *, tight: bool = True) -> Non
     plt.close(fig)
 
 
-def saliency_grid(rows: Sequence[GridRow], columns: Sequence[str], path: str | os.PathLike, *,
-                  alpha: float = 0.5, cmap: str | None = None, cell_inches: float = 2.4) -> None:
-    """Draw the original plus one overlay per method for each row, with a shared colour bar; save as PNG.
+WRAP = 4
+"""Most method columns per row of a figure grid; more methods wrap onto further rows of the same image."""
+
+
+def _caption(text: str, width: int = 26) -> str:
+    """Wrap each line of a caption so it stays inside its cell."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) or line for line in text.split("\n"))
+
+
+def grid_figure(rows: Sequence[GridRow], columns: Sequence[str], *, alpha: float = 0.7, cmap: str | None = None,
+                cell_inches: float = 2.2, wrap: int = WRAP) -> Any:
+    """The original plus one overlay per method for each image, methods wrapped at `wrap` per row, and a
+    shared colour bar inside the figure (constrained layout keeps every label on the canvas).
 
     Args:
-        rows: the images with their maps, in column order.
-        columns: the method names (the column titles).
-        path: where the PNG goes (written atomically).
+        rows: the images with their normalised maps, in column order.
+        columns: the method names (the panel titles).
+        alpha, cmap: see `render.overlay` (None: inferno, or bwr when any map is signed).
+        wrap: most method panels per row; image i takes ceil(len(columns) / wrap) rows.
+
+    Returns:
+        a matplotlib Figure (dpi 100), not saved.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n_rows, n_cols = len(rows), len(columns) + 1
+    from saliencylab.render.maps import DEFAULT_CMAP, SIGNED_CMAP
+
+    per_row = max(1, min(wrap, len(columns)))
+    lines = max(1, -(-len(columns) // per_row))  # grid rows per image
+    n_cols = per_row + 1
     aspect = float(np.mean([r.image.shape[0] / r.image.shape[1] for r in rows])) if rows else 1.0
-    row_inches = cell_inches * aspect + 0.45  # room for the titles
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell_inches * n_cols + 0.8, row_inches * n_rows + 0.2),
-                             squeeze=False)
+    aspect = min(max(aspect, 0.25), 4.0)
+    row_inches = cell_inches * aspect + 0.55  # room for a two-line title
+    fig, axes = plt.subplots(max(1, len(rows)) * lines, n_cols, squeeze=False, dpi=100, layout="constrained",
+                             figsize=(cell_inches * n_cols + 1.0, row_inches * max(1, len(rows)) * lines))
     signed = any(float(np.min(m)) < 0 for row in rows for m in row.maps)
-    cmap = cmap or ("bwr" if signed else "jet")
+    cmap = cmap or (SIGNED_CMAP if signed else DEFAULT_CMAP)
+    used = np.zeros(axes.shape, bool)
     for r, row in enumerate(rows):
-        axes[r, 0].imshow(to_uint8(row.image))
-        axes[r, 0].set_title(row.title, fontsize=9)
-        for c, m in enumerate(row.maps, start=1):
-            axes[r, c].imshow(overlay(row.image, m, alpha=alpha, cmap=cmap))
-            if r == 0:
-                axes[r, c].set_title(columns[c - 1], fontsize=10, fontweight="bold")
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout(rect=(0, 0, 0.94, 1))
-    cax = fig.add_axes((0.95, 0.15, 0.012, 0.7))
+        ax = axes[r * lines, 0]
+        used[r * lines, 0] = True
+        ax.imshow(to_uint8(row.image))
+        ax.set_title(_caption(row.title), fontsize=9)
+        for c, m in enumerate(row.maps):
+            ax = axes[r * lines + c // per_row, 1 + c % per_row]
+            used[r * lines + c // per_row, 1 + c % per_row] = True
+            ax.imshow(overlay(row.image, m, alpha=alpha, cmap=cmap))
+            if r == 0 or lines > 1:  # wrapped rows need their own titles
+                ax.set_title(_caption(columns[c], 22), fontsize=10, fontweight="bold")
+    for ax, keep in zip(axes.ravel(), used.ravel(), strict=True):
+        if keep:
+            ax.set_axis_off()
+        else:
+            fig.delaxes(ax)  # empty cells of a wrapped row: fewer axes for the layout to place
     norm = matplotlib.colors.Normalize(-1 if signed else 0, 1)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, label="normalised saliency")
-    save_figure(fig, path, tight=False)
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[used].tolist(),
+                       shrink=min(0.9, 4.5 / fig.get_figheight()), aspect=20, pad=0.02, anchor=(0.0, 1.0),
+                       ticks=[-1, 0, 1] if signed else [0, 0.5, 1])
+    bar.set_label("normalised saliency", fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    return fig
+
+
+def saliency_grid(rows: Sequence[GridRow], columns: Sequence[str], path: str | os.PathLike, *,
+                  alpha: float = 0.7, cmap: str | None = None, wrap: int = WRAP) -> None:
+    """Draw `grid_figure` and save it as PNG (atomically).
+
+    Args:
+        rows: the images with their maps, in column order.
+        columns: the method names (the panel titles).
+        path: where the PNG goes.
+    """
+    save_figure(grid_figure(rows, columns, alpha=alpha, cmap=cmap, wrap=wrap), path, tight=False)
 
 
 def phantoms_vs_real(path: str | os.PathLike, *, size: int = 256, colours: int | None = None) -> None:

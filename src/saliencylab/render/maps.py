@@ -8,6 +8,12 @@ import numpy as np
 
 Mode = Literal["absmax", "minmax", "percentile"]
 NORMALISE_MODES: tuple[str, ...] = ("absmax", "minmax", "percentile")
+DEFAULT_CMAP = "inferno"
+"""Perceptually uniform (matplotlib's viridis family), so equal steps of saliency look like equal steps."""
+SIGNED_CMAP = "bwr"
+"""Diverging, white at 0, for maps that keep their sign."""
+OPACITY_FLOOR = 0.1
+"""Below this |normalised saliency| an overlay is fully transparent: near-zero shows the image as it is."""
 
 
 def normalise(m: np.ndarray, mode: Mode = "absmax", *, percentile: float = 99.0) -> np.ndarray:
@@ -67,26 +73,41 @@ def colorize(m: np.ndarray, cmap: str | None = None) -> np.ndarray:
 
     Args:
         m: (H, W), in [0, 1] or [-1, 1] (see `normalise`).
-        cmap: a matplotlib colormap name (default: 'jet' for [0, 1], 'bwr' for signed maps).
+        cmap: a matplotlib colormap name (default: inferno for [0, 1], bwr for signed maps).
     """
     import matplotlib
 
     m = np.asarray(m, dtype=np.float32)
     signed = bool((m < 0).any())
-    cmap = cmap or ("bwr" if signed else "jet")
+    cmap = cmap or (SIGNED_CMAP if signed else DEFAULT_CMAP)
     values = (m + 1.0) / 2.0 if signed else m
     rgba = matplotlib.colormaps[cmap](np.clip(values, 0.0, 1.0))
     return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, m: np.ndarray, *, alpha: float = 0.5, cmap: str | None = None) -> np.ndarray:
-    """Blend a normalised map over an image.
+def opacity(m: np.ndarray, alpha: float = 1.0, *, floor: float = OPACITY_FLOOR) -> np.ndarray:
+    """Per-pixel overlay opacity that follows the saliency: 0 up to |m| = floor, then a linear ramp to alpha at 1.
+
+    Args:
+        m: normalised map in [0, 1] or [-1, 1] (any shape).
+        alpha: the opacity of the largest value (|m| = 1).
+
+    Returns:
+        float32 array shaped like m, in [0, alpha].
+    """
+    a = np.clip(np.abs(np.asarray(m, dtype=np.float32)), 0.0, 1.0)
+    return (alpha * np.clip((a - floor) / (1.0 - floor), 0.0, 1.0)).astype(np.float32)
+
+
+def overlay(image: np.ndarray, m: np.ndarray, *, alpha: float = 0.7, cmap: str | None = None) -> np.ndarray:
+    """Blend a normalised map over an image, with an opacity that follows the saliency (see `opacity`).
 
     Args:
         image: (H, W) grayscale or (H, W, 3) RGB, float in [0, 1] or uint8.
         m: (H, W) normalised map (see `normalise`), same H and W as the image.
-        alpha: opacity of the map; where the map is 0 (or 0 of a signed map) the image shows through
-            in proportion to 1 - alpha * |m|.
+        alpha: opacity at the map's largest value (|m| = 1); pixels with |m| below `OPACITY_FLOOR` (0.1)
+            show the image unchanged, and opacity grows linearly in between.
+        cmap: see `colorize` (default inferno; bwr for a signed map).
 
     Returns:
         uint8 RGB (H, W, 3).
@@ -98,5 +119,5 @@ def overlay(image: np.ndarray, m: np.ndarray, *, alpha: float = 0.5, cmap: str |
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
     heat = colorize(m, cmap).astype(np.float32)
-    weight = alpha * np.clip(np.abs(m), 0.0, 1.0)[..., None]
+    weight = opacity(m, alpha)[..., None]
     return (base * (1.0 - weight) + heat * weight + 0.5).astype(np.uint8)

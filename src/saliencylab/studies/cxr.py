@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from saliencylab.data.datasets import Record, load_mask
+from saliencylab.dist import World, gather_shards, my_shards, process_group, shard_bounds, world
 from saliencylab.errors import UserError
 from saliencylab.fsutil import write_json, write_text
 from saliencylab.metrics.classification import binary_metrics, in_words
@@ -33,7 +34,24 @@ def evaluate(run: str | Path | None = None, *, model: str | None = None, weights
     whose names are in the test split, else all of them) or from `model` + `data` (every image, or a seeded
     sample of `n`). Images stream through in batches of `batch_size`: memory stays flat in their number.
     Unreadable images are skipped and listed (console, unreadable.json, metrics.json).
+
+    Under torchrun each rank predicts its share of the batches (batches r, r + world, ...) and rank 0 alone
+    writes the files, the same files as one process.
     """
+    w = world()
+    with process_group(w, torch.device("cpu")):
+        return _evaluate(w, run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n,
+                         threshold=threshold, out=out, figure3=figure3, methods=methods, n_per_side=n_per_side,
+                         low=low, high=high, seed=seed, batch_size=batch_size,
+                         progress=progress if w.main else False, log=log if w.main else None,
+                         model_kwargs=model_kwargs)
+
+
+def _evaluate(w: World, run: str | Path | None, *, model: str | None, weights: str | None, data: str | Path | None,
+              classes: tuple[str, ...] | None, masks: str | Path | None, n: int | None, threshold: float,
+              out: str | Path | None, figure3: bool, methods: str, n_per_side: int, low: float, high: float,
+              seed: int, batch_size: int, progress: bool | None, log: Any,
+              model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed,
                       model_kwargs=model_kwargs)
     if not subject.labelled:
@@ -43,7 +61,7 @@ def evaluate(run: str | Path | None = None, *, model: str | None = None, weights
                         f"({', '.join(subject.classes)}): use `saliencylab audit` for it, or --classes NEG,POS "
                         "with a binary model")
     out = Path(out) if out else subject.default_out("eval", str(data) if data else None)
-    probs, kept, bad = _predict(subject, batch_size, progress)
+    probs, kept, bad = _predict(subject, batch_size, progress, w)
     if log is not None and bad:
         log(f"{len(bad)} unreadable images skipped: " + ", ".join(f for f, _ in bad[:10])
             + (" ..." if len(bad) > 10 else "") + f" (listed in {out / 'unreadable.json'})")
@@ -58,6 +76,8 @@ def evaluate(run: str | Path | None = None, *, model: str | None = None, weights
                     "scope": subject.scope, "unreadable": len(bad),
                     "checkpoint": str(subject.base / "best.pt") if subject.kind == "run" else None,
                     "model": subject.origin.get("model"), "weights": subject.origin.get("weights")})
+    if not w.main:  # rank 0 writes the files
+        return metrics | {"out": str(out), "unreadable_files": [f for f, _ in bad]}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "unreadable.json", [{"file": f, "reason": r} for f, r in bad])
     buf = io.StringIO()
@@ -77,27 +97,35 @@ def evaluate(run: str | Path | None = None, *, model: str | None = None, weights
     return metrics | {"out": str(out), "unreadable_files": [f for f, _ in bad]}
 
 
-def _predict(subject: Subject, batch_size: int, progress: bool | None) -> tuple[np.ndarray, list[Record],
-                                                                                 list[tuple[str, str]]]:
-    """Positive-class probability per readable image, batch by batch; the readable records; the unreadable."""
+def _predict(subject: Subject, batch_size: int, progress: bool | None,
+             w: World | None = None) -> tuple[np.ndarray, list[Record], list[tuple[str, str]]]:
+    """Positive-class probability per readable image, batch by batch; the readable records; the unreadable.
+
+    With several ranks, rank r predicts batches r, r + world, ... and every rank gets all of them, in order.
+    """
     from tqdm import tqdm
 
+    w = w or World()
     clf = subject.clf
-    probs: list[np.ndarray] = []
-    kept: list[Record] = []
-    bad: list[tuple[str, str]] = []
+    bounds = shard_bounds(len(subject.records), batch_size)
+    mine: dict[int, tuple[np.ndarray | None, list[Record], list[tuple[str, str]]]] = {}
     with tqdm(total=len(subject.records), unit="img", desc="evaluate", leave=False,
               disable=None if progress is None else not progress) as bar:
-        for lo in range(0, len(subject.records), batch_size):
-            x, recs, skipped = load_batch(subject, subject.records[lo:lo + batch_size])
-            bad += skipped
+        for i in my_shards(len(bounds), w):
+            lo, hi = bounds[i]
+            x, recs, skipped = load_batch(subject, subject.records[lo:hi])
+            p = None
             if recs:
-                if not kept:
-                    check_input(clf, subject.origin.get("model") or subject.origin.get("run", "?"),
+                if not any(v[1] for v in mine.values()):  # the first readable batch of this rank
+                        check_input(clf, subject.origin.get("model") or subject.origin.get("run", "?"),
                                 str(subject.origin.get("data")), x)
-                probs.append(class_probabilities(clf.module, x)[:, 1])
-                kept += recs
-            bar.update(len(recs) + len(skipped))
+                p = class_probabilities(clf.module, x)[:, 1]
+            mine[i] = (p, recs, skipped)
+            bar.update((hi - lo) * w.size)
+    every = gather_shards(mine, w)
+    probs = [every[i][0] for i in range(len(bounds)) if every[i][0] is not None]
+    kept = [r for i in range(len(bounds)) for r in every[i][1]]
+    bad = [b for i in range(len(bounds)) for b in every[i][2]]
     return (np.concatenate(probs) if probs else np.zeros(0)), kept, bad
 
 

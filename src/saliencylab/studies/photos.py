@@ -79,14 +79,15 @@ class DisplaySettings:
         smooth: Gaussian sigma as a fraction of the image's longer side (0: off).
         normalise: 'auto' (each method's preferred mode), 'absmax', 'minmax' or 'percentile'
             (see `render.normalise`).
-        alpha: overlay opacity.
-        cmap: matplotlib colormap (None: jet, or bwr for signed maps).
+        alpha: overlay opacity at the map's peak; opacity follows the saliency (`render.opacity`), so
+            values below 0.1 leave the image as it is.
+        cmap: matplotlib colormap (None: inferno, perceptually uniform, or bwr for signed maps).
     """
 
     sign: str = "abs"
     smooth: float = 0.01
     normalise: str = "auto"
-    alpha: float = 0.5
+    alpha: float = 0.7
     cmap: str | None = None
 
     def render(self, m: np.ndarray, preferred: str = "percentile") -> np.ndarray:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from saliencylab import dist
-from saliencylab.data.images import LoadedImage, load_image
+from saliencylab.data.images import LoadedImage, load_image, split_frame
 from saliencylab.errors import UserError
 from saliencylab.fsutil import _json_default, _remove_stale, atomic_path, write_json, write_npy, write_png, write_text
 from saliencylab.methods import MethodSpec, resolve_target
@@ -110,11 +110,12 @@ def _sha(obj: Any) -> str:
 
 def input_hash(source: str) -> str:
     """SHA-256 of the input file's bytes (a bundled sample's file for `sample:<name>`); '' when unreadable."""
-    from saliencylab.data.images import _sample_path
+    from saliencylab.data.images import _sample_path, split_frame
 
     try:
-        path = _sample_path(source.removeprefix("sample:")) if source.startswith("sample:") else Path(source)
-        h = hashlib.sha256()
+        text, frame = split_frame(source)
+        path = _sample_path(source.removeprefix("sample:")) if source.startswith("sample:") else Path(text)
+        h = hashlib.sha256(b"" if frame is None else f"frame={frame}:".encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
@@ -139,7 +140,9 @@ def safe_names(sources: Sequence[str]) -> list[str]:
     taken: set[str] = set()
     out = []
     for s in sources:
-        stem = s.removeprefix("sample:") if s.startswith("sample:") else Path(s).stem
+        text, frame = split_frame(s)
+        stem = s.removeprefix("sample:") if s.startswith("sample:") else Path(text).stem
+        stem = stem if frame is None else f"{stem}_frame{frame}"  # as load_image names a frame
         base = re.sub(r"[^\w.-]+", "_", stem).strip("._") or "image"
         if base in ("manifest", "maps"):
             base = f"{base}_image"

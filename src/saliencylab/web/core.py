@@ -30,7 +30,7 @@ from saliencylab.methods import MethodSpec, parse_methods, resolve_target
 from saliencylab.metrics.localisation import border_mask, box_mask, mass_inside, pointing_game
 from saliencylab.models import Classifier, load_model
 from saliencylab.ops import resize
-from saliencylab.render.maps import NORMALISE_MODES, colorize, overlay, to_uint8
+from saliencylab.render.maps import NORMALISE_MODES, colorize, opacity, overlay, to_uint8
 from saliencylab.studies.photos import DisplaySettings, probabilities, top_k
 
 # DICOM VOI windows (centre, width) in Hounsfield units, the usual chest CT presets
@@ -369,13 +369,13 @@ def render_overlay(result: Result, method: str, display: DisplaySettings) -> byt
 
 
 def render_heat(result: Result, method: str, display: DisplaySettings) -> bytes:
-    """The coloured map with per-pixel alpha |map| (RGBA PNG).
+    """The coloured map with per-pixel alpha `render.opacity(map)` (RGBA PNG).
 
-    Laid over the image with CSS opacity a, it gives image * (1 - a|m|) + colour * a|m|: exactly
-    `render.overlay` with alpha a, so the page's opacity slider needs no server round trip.
+    Laid over the image with CSS opacity a, it gives image * (1 - a o) + colour * a o with o = opacity(m):
+    exactly `render.overlay` with alpha a, so the page's opacity slider needs no server round trip.
     """
     shown = display.render(result.display_map(method), result.methods[method]["display"])
-    rgba = np.dstack([colorize(shown, display.cmap), (np.clip(np.abs(shown), 0, 1) * 255 + 0.5).astype(np.uint8)])
+    rgba = np.dstack([colorize(shown, display.cmap), (opacity(shown) * 255 + 0.5).astype(np.uint8)])
     return png_bytes(rgba)
 
 
