@@ -115,13 +115,13 @@ def main() -> None:
         runs = {}
         runs[f"local_{n // 10}"] = _explain(files[: n // 10], model, work / "o1", nproc=1, workers=a.workers,
                                             batch=a.batch_size)
-        runs[f"local_{n}"] = _explain(str(work / "data"), model, work / "o2", nproc=1, workers=a.workers,
+        runs[f"local_{n}"] = _explain(files, model, work / "o2", nproc=1, workers=a.workers,
                                       batch=a.batch_size)
         if not a.no_workers0:
-            runs[f"local_{n}_workers0"] = _explain(str(work / "data"), model, work / "o3", nproc=1, workers=0,
+            runs[f"local_{n}_workers0"] = _explain(files, model, work / "o3", nproc=1, workers=0,
                                                    batch=a.batch_size)
         if a.nproc > 1:
-            runs[f"torchrun{a.nproc}_{n}"] = _explain(str(work / "data"), model, work / "o4", nproc=a.nproc,
+            runs[f"torchrun{a.nproc}_{n}"] = _explain(files, model, work / "o4", nproc=a.nproc,
                                                       workers=a.workers, batch=a.batch_size)
         report = {
             "label": a.label or "measured on a loaded shared machine",
