@@ -68,6 +68,10 @@ def test_explain_writes_maps_in_the_image_grid(tmp_path):
     assert set(results["methods"]) == {"vanilla", "integrated_gradients", "gradcam", "spectral_residual"}
     assert results["methods"]["integrated_gradients"]["options"]["n_steps"] == 4
     assert results["methods"]["vanilla"]["seconds"] >= 0
+    assert results["precision"] == "fp32" and results["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert results["methods"]["vanilla"]["passes"] is None  # one pass, no sampling
+    if not torch.cuda.is_available():  # the CPU rule: one path point of the 2 images per pass
+        assert results["methods"]["integrated_gradients"]["passes"] == {"rule": "cpu", "samples_per_pass": [2]}
     fig = Image.open(out / "figure.png")
     assert fig.size[0] > fig.size[1]  # 5 columns, 2 rows
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left

@@ -83,3 +83,13 @@ def test_groups_never_straddle_the_split():
         by_group.setdefault(r.group, set()).add(s)
     assert all(len(v) == 1 for v in by_group.values())
     assert 0.05 < split.count("test") / len(split) < 0.15
+
+
+def test_small_datasets_split_with_one_image_per_class_in_each_part():
+    from saliencylab.data.datasets import Record, make_split
+
+    recs = [Record(f"n{i}.png", 0, "Normal") for i in range(6)] + [Record(f"c{i}.png", 1, "COVID") for i in range(6)]
+    split = make_split(recs)
+    labels = {part: sorted(r.label for r, s in zip(recs, split, strict=True) if s == part) for part in set(split)}
+    # 10% of 12 images is 1.2, which sklearn rounds up to 2 (ceil): one image per class for test, then for val
+    assert labels == {"test": [0, 1], "val": [0, 1], "train": [0] * 4 + [1] * 4}

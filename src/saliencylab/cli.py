@@ -35,6 +35,8 @@ WEIGHTS_HELP = "a weights file (state dict) for the model; 'random' for an untra
 DATA_HELP = ("labelled images: a dataset folder (<class>/images + <class>/masks, <class>/*.png) or a CSV of "
              "file,label[,mask][,group] (default: the run's own test split)")
 MASKS_HELP = "a folder of lung masks, matched to the images by file name"
+DEVICE_HELP = "auto (CUDA when available), cpu or cuda"
+PRECISION_HELP = "fp32 (full float32: TF32 off), tf32, or bf16 (autocast; maps stay float32)"
 
 
 @app.callback()
@@ -102,7 +104,8 @@ def classify(
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="classes to list per image"),
     json_path: Path = typer.Option(None, "--json", help="also write the predictions to this JSON file"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="images per forward pass"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
     frame: str = typer.Option(None, "--frame", help=FRAME_HELP),
     input_size: str = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
@@ -117,9 +120,12 @@ def classify(
     from saliencylab.data.images import parse_frame
     from saliencylab.fsutil import check_output_file, write_json
     from saliencylab.models import load_model, preprocessing_kwargs
+    from saliencylab.precision import check_precision
+    from saliencylab.precision import precision as run_at
     from saliencylab.studies.photos import classify as run
     from saliencylab.studies.photos import nothing_read
 
+    precision = check_precision(precision)
     if json_path is not None:
         check_output_file(json_path, "--json")
     sources = expand_inputs(inputs or [], frame=parse_frame(frame))
@@ -127,15 +133,17 @@ def classify(
                      **preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file))
     skipped: list[tuple[str, str]] = []
     rows = []
-    for row in run(clf, sources, k=top_k, batch_size=batch_size, skip_bad=skip_bad, skipped=skipped):
-        rows.append(row)
-        typer.echo(_table(row))
+    with run_at(precision, clf.device):
+        for row in run(clf, sources, k=top_k, batch_size=batch_size, skip_bad=skip_bad, skipped=skipped):
+            rows.append(row)
+            typer.echo(_table(row))
     for source, reason in skipped:
         typer.echo(f"skipped {source}: {reason}", err=True)
     if not rows:
         raise nothing_read(skipped)
     if json_path is not None:
-        write_json(json_path, {"model": clf.describe(), "images": rows,
+        write_json(json_path, {"model": clf.describe(), "device": str(clf.device), "precision": precision,
+                               "images": rows,
                                "skipped": [{"source": s, "reason": r} for s, r in skipped]})
         typer.echo(f"wrote {json_path}")
 
@@ -174,7 +182,8 @@ def explain(
     alpha: float = typer.Option(0.7, "--alpha", min=0.0, max=1.0,
                                 help="overlay opacity at the map's peak (it follows the saliency; below 0.1: none)"),
     cmap: str = typer.Option(None, "--cmap", help="matplotlib colormap (default inferno; bwr for signed)"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="report unreadable images and go on"),
     frame: str = typer.Option(None, "--frame", help=FRAME_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
@@ -210,6 +219,7 @@ def explain(
     from saliencylab.methods import parse_methods
     from saliencylab.methods.registry import parse_method_options
     from saliencylab.models import load_model, preprocessing_kwargs
+    from saliencylab.precision import check_precision
     from saliencylab.render.maps import NORMALISE_MODES
     from saliencylab.studies.photos import DisplaySettings
     from saliencylab.studies.photos import explain as run
@@ -218,6 +228,7 @@ def explain(
     stream = StreamConfig(shard_size=shard_size, outputs=outputs.replace(" ", ""), map_dtype=map_dtype,
                           workers=workers, grid=grid, force=force, resume=resume)
     stream.check()
+    precision = check_precision(precision)
     if normalise not in ("auto", *NORMALISE_MODES):
         raise UserError(f"--normalise {normalise}: use auto or one of {', '.join(NORMALISE_MODES)}")
     if sign not in ("abs", "positive", "signed"):
@@ -239,7 +250,7 @@ def explain(
     result = run(clf, sources, specs, out, options=options, target=target, batch_size=batch_size,
                  display=display, skip_bad=skip_bad, progress=progress, stream=stream,
                  command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]),
-                 model_args={"model": model, "weights": weights, **model_kwargs})
+                 model_args={"model": model, "weights": weights, **model_kwargs}, precision=precision)
     from saliencylab.dist import world
 
     if not world().main:  # under torchrun rank 0 speaks for the job
@@ -327,7 +338,7 @@ def train(
     group_column: str = typer.Option(None, "--group-column", help="metadata.csv column naming each patient"),
     max_minutes: float = typer.Option(0.0, "--max-minutes", min=0.0, help="stop after the epoch past this budget"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
     """Train a COVID-19 vs normal chest X-ray classifier (Adam, binary cross-entropy, 90/10 split)."""
@@ -378,6 +389,8 @@ def evaluate(
     high: float = typer.Option(0.9, "--high", help="'near 1' means p >= this"),
     seed: int = typer.Option(0, "--seed", help="picks Figure 3's images and the bootstrap resamples"),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per batch (memory stays flat)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
     """Test a model: predictions.csv, metrics.json with 95% CIs, ROC, confusion matrix, Figure 3."""
@@ -388,6 +401,7 @@ def evaluate(
     from saliencylab.studies.cxr import summary_lines
 
     parse_methods(methods)
+    device, precision = _device_and_precision(device, precision)
     if out is not None:
         check_output_dir(out, "--out")
     elif run is not None and run.is_dir():
@@ -396,7 +410,8 @@ def evaluate(
                        classes=_class_list(classes), masks=masks, n=n, threshold=threshold, out=out, methods=methods,
                        n_per_side=per_side, low=low, high=high, seed=seed, batch_size=batch_size, progress=progress,
                        log=lambda line: typer.echo(line, err=True),
-                       model_kwargs=preprocessing_kwargs(input_size, channels, mean, std))
+                       model_kwargs=preprocessing_kwargs(input_size, channels, mean, std), device=device,
+                       precision=precision)
     from saliencylab.dist import world
 
     if not world().main:  # under torchrun, rank 0 speaks
@@ -440,6 +455,8 @@ def audit(
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="images per batch (memory stays flat in --n)"),
     out: Path = typer.Option(None, "--out", help="output folder (default: RUN/audit or runs/<model>-<data>/audit)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
 ) -> None:
     """Measure whether the saliency maps can be trusted: localisation, sanity, faithfulness, stability, probes.
@@ -451,6 +468,7 @@ def audit(
     from saliencylab.models import preprocessing_kwargs
     from saliencylab.studies.audit import audit as run_audit
 
+    device, precision = _device_and_precision(device, precision)
     if out is not None:
         check_output_dir(out, "--out")
     elif run is not None and run.is_dir():
@@ -460,9 +478,18 @@ def audit(
                        compare=str(compare) if compare else None, sanity_images=sanity_images,
                        faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,
                        smprt=smprt, seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo,
-                       model_kwargs=preprocessing_kwargs(input_size, channels, mean, std))
+                       model_kwargs=preprocessing_kwargs(input_size, channels, mean, std), device=device,
+                       precision=precision)
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
     typer.echo(f"wrote {result['out']}/audit.json, audit_images.csv, flagged.csv, unreadable.json and figures")
+
+
+def _device_and_precision(device: str, precision: str) -> tuple[str, str]:
+    """Check --device and --precision before any work (a one-line error naming the flag)."""
+    from saliencylab.devices import choose_device
+    from saliencylab.precision import check_precision
+
+    return str(choose_device(device)), check_precision(precision)
 
 
 def _class_list(classes: str | None) -> tuple[str, ...] | None:
@@ -482,14 +509,18 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output folder"),
     quick: bool = typer.Option(False, "--quick", help="fewer, smaller phantoms and fewer samples (about a minute)"),
     force: bool = typer.Option(False, "--force", help="recompute everything instead of reusing finished stages"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bars (default: on a terminal)"),
 ) -> None:
     """Run the whole article on the embedded defaults: both studies, the audit, and an HTML report."""
     from saliencylab.fsutil import check_output_dir
     from saliencylab.studies.demo import run_demo
 
+    device, precision = _device_and_precision(device, precision)
     check_output_dir(out, "--out")
-    result = run_demo(out, quick=quick, force=force, progress=progress, log=typer.echo)
+    result = run_demo(out, quick=quick, force=force, progress=progress, log=typer.echo, device=device,
+                      precision=precision)
     h = result["headline"]
     typer.echo(f"report: {result['report']}")
     lines = (("shortcut eval balanced_accuracy", "shortcut model, balanced accuracy on its own test split"),
@@ -528,7 +559,7 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.01,
                                         help="largest upload, checked before decoding"),
     queue: int = typer.Option(4, "--queue", min=0, help="requests that may wait for the model (more get 503)"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     token: str = typer.Option(None, "--token", envvar="SALIENCYLAB_TOKEN", help="require this token on every API call"),
 ) -> None:
     """A browser workbench and HTTP API on this machine (needs `pip install 'saliencylab\\[web]'`)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,7 +271,12 @@ def make_split(records: Sequence[Record], *, test_fraction: float = 0.1, val_fra
             folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + salt)
             _, chosen = next(folds.split(pool, labels[pool], [groups[i] for i in pool]))
         else:
-            sss = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed + salt)
+            # sklearn's own count (ceil), raised to one image per class so that small datasets split too
+            n_pick = max(2, math.ceil(fraction * len(pool)))
+            if len(pool) - n_pick < 2:
+                raise UserError(f"{n} images are too few to carve a {name} split of {fraction:.0%} and keep both "
+                                "classes in training; add images (at least 3 per class and split)")
+            sss = StratifiedShuffleSplit(n_splits=1, test_size=n_pick, random_state=seed + salt)
             _, chosen = next(sss.split(pool, labels[pool]))
         split[pool[chosen]] = name
 

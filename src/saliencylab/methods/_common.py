@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from saliencylab.ops import eval_mode  # noqa: F401  (re-exported: the methods' one mode guard)
+from saliencylab.precision import full_precision
 
 
 def target_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -18,6 +21,7 @@ def target_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     For a single-logit binary head (K = 1), target 1 is the logit itself and target 0 its negation
     (the logit of the negative class under a sigmoid).
     """
+    logits = full_precision(logits)  # bf16 autocast: the score (and all that follows) in float32
     if logits.ndim != 2:
         raise ValueError(f"the model must return logits [B, K]; got shape {tuple(logits.shape)}")
     if logits.shape[1] == 1:
@@ -28,6 +32,7 @@ def target_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def target_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Softmax (or sigmoid, for one logit) probability of the target class: [B, K], [B] -> [B]."""
+    logits = full_precision(logits)
     if logits.shape[1] == 1:
         return torch.sigmoid(target_score(logits, target))
     return logits.softmax(dim=1).gather(1, target.to(logits.device).view(-1, 1))[:, 0]
@@ -57,11 +62,112 @@ def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
 def per_pass(batch_size: int | None, images: int) -> int:
     """How many perturbed copies of the whole batch fit in one forward pass of at most `batch_size` samples.
 
-    None means one copy of the batch per pass: on a CPU, small passes were the fastest measured.
+    None means the CPU rule, one copy of the batch per pass (small passes were the fastest measured on a
+    CPU); on CUDA the methods choose through `passes` instead.
     """
     if batch_size is None:
         return 1
     return max(1, int(batch_size) // max(1, images))
+
+
+PASS_CAP = 4096
+"""Most samples in one automatic CUDA pass."""
+
+
+@dataclass(frozen=True)
+class PassChoice:
+    """One method call's pass size: `copies` perturbed copies of a batch of `images` per forward pass.
+
+    rule: 'explicit' (batch_size given), 'cpu' (one copy per pass) or 'cuda-memory' (as many as fit half
+    the free GPU memory, measured from a first pass of one copy).
+    """
+
+    rule: str
+    images: int
+    copies: int
+
+    @property
+    def samples(self) -> int:
+        """Samples (images x copies) per forward pass."""
+        return self.images * self.copies
+
+
+_RECORDS: contextvars.ContextVar[list[PassChoice] | None] = contextvars.ContextVar("pass_records", default=None)
+
+
+@contextlib.contextmanager
+def record_passes() -> Iterator[list[PassChoice]]:
+    """Collect the `PassChoice` of every sampling-method call in the body into the yielded list."""
+    log: list[PassChoice] = []
+    token = _RECORDS.set(log)
+    try:
+        yield log
+    finally:
+        _RECORDS.reset(token)
+
+
+def describe_passes(choices: list[PassChoice]) -> dict[str, Any] | None:
+    """A JSON-ready summary of recorded choices: {'rule', 'samples_per_pass': sorted distinct values}."""
+    if not choices:
+        return None
+    rules = sorted({c.rule for c in choices})
+    return {"rule": rules[0] if len(rules) == 1 else rules,
+            "samples_per_pass": sorted({c.samples for c in choices})}
+
+
+def cuda_copies(free_bytes: int, bytes_per_copy: int, work: int, cap: int) -> int:
+    """The CUDA rule: copies per pass that fit half the free memory, at least 1, at most `work` and `cap`.
+
+    Args:
+        free_bytes: free device memory (`torch.cuda.mem_get_info`).
+        bytes_per_copy: peak memory of a pass of one copy, above what was allocated before it.
+        work: copies still to do; cap: most copies per pass (PASS_CAP // images).
+    """
+    fit = int(0.5 * max(0, free_bytes)) // max(1, int(bytes_per_copy))
+    return max(1, min(fit, int(work), int(cap)))
+
+
+_BYTES_PER_COPY: dict[tuple[Any, ...], int] = {}
+"""Measured peak bytes of one copy per (model id, method, input shape, dtype, device): later calls skip the probe."""
+
+
+def passes(work: int, batch_size: int | None, images: int, device: torch.device,
+           key: tuple[Any, ...] | None = None) -> Iterator[tuple[int, int]]:
+    """(start, stop) ranges of perturbed copies, one per forward pass, covering range(work).
+
+    An explicit `batch_size` wins (`per_pass`). With None: on a CPU one copy per pass; on CUDA a first
+    pass of one copy measures the peak memory of a copy (remembered under `key`, e.g. (id(model), method,
+    x.shape, x.dtype), so that the next call with the same key needs no probe), then the rest goes in
+    passes of `cuda_copies`. The choice is added to `record_passes`' list when one is open.
+    """
+    log = _RECORDS.get()
+    if batch_size is not None or device.type != "cuda" or work <= 1:
+        k = per_pass(batch_size, images)
+        if log is not None:
+            rule = "explicit" if batch_size is not None else "cpu" if device.type != "cuda" else "cuda-memory"
+            log.append(PassChoice(rule, images, k))
+        yield from chunks(work, k)
+        return
+    cache_key = None if key is None else (*key, str(device), torch.is_autocast_enabled(device.type))
+    done = 0
+    if cache_key is None or cache_key not in _BYTES_PER_COPY:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield 0, 1  # the probe: a real pass of one copy
+        torch.cuda.synchronize(device)
+        per_copy = torch.cuda.max_memory_allocated(device) - before
+        if cache_key is not None:
+            _BYTES_PER_COPY[cache_key] = per_copy
+        done = 1
+    else:
+        per_copy = _BYTES_PER_COPY[cache_key]
+    free, _total = torch.cuda.mem_get_info(device)
+    k = cuda_copies(free, per_copy, work - done, max(1, PASS_CAP // max(1, images)))
+    if log is not None:
+        log.append(PassChoice("cuda-memory", images, k))
+    for start, stop in chunks(work - done, k):
+        yield start + done, stop + done
 
 
 def normal_draws(seed: int, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:

@@ -10,6 +10,7 @@ from saliencylab.methods._common import capture_output, eval_mode, fast_layout, 
 from saliencylab.methods.registry import register_method
 from saliencylab.models import CamLayout, find_cam_layer
 from saliencylab.ops import resize
+from saliencylab.precision import full_precision
 
 
 def layer_activation_and_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
@@ -30,11 +31,11 @@ def layer_activation_and_gradient(model: nn.Module, x: torch.Tensor, target: tor
                 raise UserError(f"the CAM layer '{name}' does not run in the forward pass; name another layer")
             (grads,) = torch.autograd.grad(score, store["out"], allow_unused=True)
     layout = getattr(model, "cam_layout", None) or CamLayout()
-    acts = layout.to_nchw(store["out"].detach())
+    acts = full_precision(layout.to_nchw(store["out"].detach()))  # float32 under bf16 autocast too
     if acts.ndim != x.ndim:
         raise UserError(f"the CAM layer '{name}' outputs shape {tuple(acts.shape)}, not [B, C, *spatial] like the "
                         f"input {tuple(x.shape)}; name a convolutional layer")
-    grads = torch.zeros_like(acts) if grads is None else layout.to_nchw(grads)  # None: the score ignores it
+    grads = torch.zeros_like(acts) if grads is None else full_precision(layout.to_nchw(grads))  # None: unused
     return acts, grads
 
 

@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from saliencylab.methods._common import (
-    chunks,
     eval_mode,
     input_gradient,
     normal_draws,
-    per_pass,
+    passes,
     target_score,
 )
 from saliencylab.methods.options import Count, NonNegative, PassSize
@@ -63,7 +62,8 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
     Args:
         n_samples: noisy copies per image.
         noise_level: noise std as a fraction of each image's value range (max - min); the paper's 10-20%.
-        batch_size: most samples per forward pass (None: one noisy copy of the batch per pass).
+        batch_size: most samples per forward pass (None: chosen, see `_common.passes`: one noisy copy of the
+            batch per pass on a CPU, as many as fit half the free memory on CUDA).
         seed: fixes the noise. Noise sample s is the s-th draw of a CPU generator seeded with it (the same
             for every image, scaled by each image's range), moved to x's device: the map does not depend on
             `batch_size`, on the other images of the batch, on x's dtype (draws are float32) or on the device.
@@ -76,9 +76,9 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
     sigma = noise_level * (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
     draws = normal_draws(seed, tuple(x.shape[1:]))
     total = torch.zeros_like(x)
-    k = per_pass(batch_size, b)
     with eval_mode(model):
-        for start, stop in chunks(n_samples, k):
+        for start, stop in passes(n_samples, batch_size, b, x.device,
+                                      key=(id(model), "smoothgrad", tuple(x.shape), x.dtype)):
             n = stop - start
             noise = torch.stack([next(draws) for _ in range(n)]).to(x.device, x.dtype)  # (n, C, *spatial)
             noisy = (x.detach().unsqueeze(0) + sigma.unsqueeze(0) * noise.unsqueeze(1)).reshape(n * b, *x.shape[1:])
@@ -155,7 +155,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
         baseline: see `make_baseline` ('black', 'blur', a number, a tensor).
         n_steps: quadrature points on the path.
         rule: 'gausslegendre' (exact for polynomial paths of degree < 2 n_steps) or a Riemann rule.
-        batch_size: most samples per forward pass (None: one path point of the batch per pass).
+        batch_size: most samples per forward pass (None: chosen, see `_common.passes`).
 
     Returns:
         [B, *spatial], signed; its sum over pixels approximates f(x) - f(x0) (see `completeness_error`).
@@ -167,9 +167,9 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
     shape = (-1,) + (1,) * x.ndim
     alphas, weights = alphas.to(x.device, x.dtype).view(shape), weights.to(x.device, x.dtype).view(shape)
     total = torch.zeros_like(x)
-    k = per_pass(batch_size, b)
     with eval_mode(model):
-        for start, stop in chunks(n_steps, k):
+        for start, stop in passes(n_steps, batch_size, b, x.device,
+                                      key=(id(model), "integrated_gradients", tuple(x.shape), x.dtype)):
             n = stop - start
             points = (x0.unsqueeze(0) + alphas[start:stop] * delta.unsqueeze(0)).reshape(n * b, *x.shape[1:])
             grad = input_gradient(model, points, target.repeat(n)).reshape(n, *x.shape)

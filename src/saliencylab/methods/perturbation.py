@@ -8,7 +8,7 @@ from typing import Annotated
 import torch
 from torch import nn
 
-from saliencylab.methods._common import chunks, eval_mode, fast_layout, per_pass, target_probability, target_score
+from saliencylab.methods._common import eval_mode, fast_layout, passes, target_probability, target_score
 from saliencylab.methods.gradient import Baseline, make_baseline
 from saliencylab.methods.options import Count, OptionError, PassSize, Range
 from saliencylab.methods.registry import register_method
@@ -36,8 +36,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
         window: window size in pixels, one or per axis.
         stride: step between windows, one or per axis.
         baseline: the fill, see `make_baseline` (default 0, black).
-        batch_size: most perturbed images per forward pass (None: one window position for the whole batch
-            per pass; on a CPU that measured 1.7x faster than passes of 64 images).
+        batch_size: most perturbed images per forward pass (None: chosen, see `_common.passes`: on a CPU one
+            window position for the whole batch per pass, measured 1.7x faster than passes of 64 images).
 
     Returns:
         [B, *spatial], signed (positive: hiding it lowers the score).
@@ -53,10 +53,10 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
     fill = make_baseline(x, baseline)
     total = torch.zeros((b, *spatial), dtype=x.dtype, device=x.device)
     counts = torch.zeros(tuple(spatial), dtype=x.dtype, device=x.device)
-    k = per_pass(batch_size, b)
     with eval_mode(model), torch.inference_mode():
         base = target_score(model(x), target)
-        for lo, hi in chunks(len(positions), k):
+        for lo, hi in passes(len(positions), batch_size, b, x.device,
+                                 key=(id(model), "occlusion", tuple(x.shape), x.dtype)):
             batch = x.unsqueeze(0).repeat(hi - lo, *([1] * x.ndim))  # (P, B, C, *spatial)
             for i, pos in enumerate(positions[lo:hi]):
                 sl = (i, slice(None), slice(None)) + tuple(slice(p, p + w) for p, w in zip(pos, win, strict=True))
@@ -84,7 +84,7 @@ def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Co
         n_masks: number of masks (the paper uses 4,000-8,000 for ResNet-50; fewer is noisier).
         grid: cells per axis of the low-resolution mask.
         p_keep: probability that a cell is kept.
-        batch_size: most masked images per forward pass (None: one mask for the whole batch per pass).
+        batch_size: most masked images per forward pass (None: chosen, see `_common.passes`).
         seed: fixes the masks. All cells and shifts are drawn up front from a CPU generator seeded with it,
             so the map does not depend on `batch_size`, on the other images of the batch or on the device.
 
@@ -101,9 +101,9 @@ def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Co
     shifts = (torch.rand((n_masks, d), generator=gen, dtype=torch.float64) * torch.tensor(cell)).long()
     shifts = torch.minimum(shifts, torch.tensor(cell) - 1).tolist()  # (N, d), shift i in [0, cell_i)
     total = torch.zeros((b, *spatial), dtype=x.dtype, device=x.device)
-    k = per_pass(batch_size, b)
     with eval_mode(model), torch.inference_mode():
-        for lo, hi in chunks(n_masks, k):
+        for lo, hi in passes(n_masks, batch_size, b, x.device,
+                                 key=(id(model), "rise", tuple(x.shape), x.dtype)):
             n = hi - lo
             big = resize(keep[lo:hi].to(x.device, x.dtype), up)  # (n, 1, *up)
             masks = torch.stack([
@@ -112,5 +112,6 @@ def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Co
             ])  # (n, *spatial)
             masked = (x.unsqueeze(0) * masks.view(n, 1, 1, *spatial)).flatten(0, 1)
             prob = target_probability(model(fast_layout(masked)), target.repeat(n)).view(n, b)
-            total += torch.einsum("nb,n...->b...", prob, masks)
+            with torch.autocast(x.device.type, enabled=False):  # accumulate in x's dtype, also under bf16
+                total += torch.einsum("nb,n...->b...", prob.to(x.dtype), masks)
     return (total / (n_masks * p_keep)).clone()

@@ -13,11 +13,14 @@ from saliencylab.methods._common import eval_mode
 
 
 def positive_probability(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Sigmoid of a single-logit model's output per image, in eval mode. Shape (B,)."""
+    """Sigmoid of a single-logit model's output per image, in eval mode (x moved to the model's device). (B,)."""
+    from saliencylab.devices import module_device
+
+    device = module_device(model)
     out = []
     with eval_mode(model), torch.inference_mode():
         for lo in range(0, len(x), batch_size):
-            out.append(torch.sigmoid(model(x[lo:lo + batch_size])[:, 0]).double().cpu())
+            out.append(torch.sigmoid(model(x[lo:lo + batch_size].to(device))[:, 0]).double().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -26,7 +29,7 @@ def blacked_out(x: torch.Tensor, masks: Sequence[np.ndarray], value: float = 0.0
     Maguolo & Nanni 2021 did, https://doi.org/10.1016/j.inffus.2021.04.008). x is not modified."""
     out = x.clone()
     for i, m in enumerate(masks):
-        out[i, :, torch.from_numpy(np.asarray(m, dtype=bool))] = value
+        out[i, :, torch.from_numpy(np.asarray(m, dtype=bool)).to(out.device)] = value
     return out
 
 

@@ -38,9 +38,26 @@ def parameter_layers(model: nn.Module) -> list[str]:
 
 
 def randomise(module: nn.Module, seed: int) -> None:
-    """Re-initialise a module's own parameters (its `reset_parameters`, else a scaled normal), seeded."""
+    """Re-initialise a module's own parameters (its `reset_parameters`, else a scaled normal), seeded.
+
+    The draws come from the CPU generator (the module is moved to the CPU for them and back), so a seed
+    gives the same weights on every device; the global random state is left as it was.
+    """
+    from saliencylab.devices import module_device
+
+    device = module_device(module)
+    if device.type != "cpu":
+        module.to("cpu")
+    try:
+        _reset(module, seed)
+    finally:
+        if device.type != "cpu":
+            module.to(device)
+
+
+def _reset(module: nn.Module, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's global state is untouched
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
             if isinstance(module, nn.modules.batchnorm._NormBase) and module.affine:

@@ -14,15 +14,10 @@ from saliencylab.ops import eval_mode
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error with a fix."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device; use auto, cpu or cuda") from None
+    """The device named by --device: see `saliencylab.devices.choose_device`."""
+    from saliencylab.devices import choose_device
+
+    return choose_device(device)
 
 
 def attention_modules(module: nn.Module) -> list[str]:

@@ -779,7 +779,7 @@ def audit(run: str | Path | None = None, *, model: str | None = None, weights: s
           smprt: bool = False, faithfulness_subsets: int = 50, seed: int = 0,
           batch_size: int = 16, options: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
           progress: bool | None = None, log: Callable[[str], None] = print,
-          model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+          model_kwargs: dict[str, Any] | None = None, device: str = "cpu", precision: str = "fp32") -> dict[str, Any]:
     """Audit the saliency maps of a run, an explain folder, or any model on any labelled data; write
     audit.json, audit_images.csv, flagged.csv and figures under `out` (default RUN/audit).
 
@@ -787,9 +787,15 @@ def audit(run: str | Path | None = None, *, model: str | None = None, weights: s
     so memory does not grow with `n` (None: every image). `methods` defaults to an explain folder's own
     methods and options, else the four gradient and CAM methods; `options` holds per-method keyword
     options (e.g. {'smoothgrad': {'n_samples': 8}}). Checks that cannot run are listed with their reasons.
+    Every check runs on `device` ('auto', 'cpu', 'cuda': models and images are moved there; random draws
+    come from seeded CPU generators) at `precision` ('fp32', 'tf32', 'bf16'; see `saliencylab.precision`).
     """
+    from saliencylab.precision import check_precision
+    from saliencylab.precision import precision as run_at
+
+    precision = check_precision(precision)
     subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed,
-                      model_kwargs=model_kwargs)
+                      model_kwargs=model_kwargs, device=device)
     specs, options = _methods(subject, methods, options)
     cfg = AuditConfig(sanity_images=sanity_images, faithfulness_images=faithfulness_images, road=road,
                       faithfulness_subsets=faithfulness_subsets, seed=seed)
@@ -797,7 +803,7 @@ def audit(run: str | Path | None = None, *, model: str | None = None, weights: s
     if compare:
         others["compare"] = _other_model(compare, subject)
     if data_randomisation and subject.kind == "run":
-        others["shuffled"] = _shuffled_label_model(subject.base, subject.config, log)
+        others["shuffled"] = _shuffled_label_model(subject.base, subject.config, log, subject.clf.device)
     available = _available(subject, specs, others) | ({"smprt"} if smprt else set())
     active = [c for c in CHECKS.values() if all(need in available for need in c.needs)]
     skipped = [{"check": c.name, "reason": "; ".join(NEED_REASONS[need] for need in c.needs
@@ -809,12 +815,14 @@ def audit(run: str | Path | None = None, *, model: str | None = None, weights: s
     for s in skipped:
         log(f"skipped {s['check']}: {s['reason']}")
 
-    rows, timings, thumbs, unreadable = _stream(subject, specs, options, cfg, active, others, batch_size, progress)
+    with run_at(precision, subject.clf.device):
+        rows, timings, thumbs, unreadable = _stream(subject, specs, options, cfg, active, others, batch_size, progress)
     images = len({r.file for r in rows.get("__images__", [])})
     if not images:
         raise UserError(f"no readable image in '{subject.origin.get('data') or subject.origin.get('explain')}'"
                         f"{f' ({len(unreadable)} unreadable)' if unreadable else ''}; check the dataset")
     result = aggregate(subject, specs, cfg, active, skipped, rows, images, unreadable, timings)
+    result |= {"device": str(subject.clf.device), "precision": precision}
     for line in summary_lines(result):
         log(line)
     write_outputs(out, result, rows, thumbs, specs[0].name)
@@ -953,6 +961,7 @@ def _call(spec: MethodSpec, opts: dict[str, Any], model: nn.Module, x: torch.Ten
 
 def _display(x: torch.Tensor) -> np.ndarray:
     """x[C, H, W] -> (H, W) or (H, W, 3) float in [0, 1] for thumbnails."""
+    x = x.detach().float().cpu()
     return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
 
 
@@ -993,14 +1002,15 @@ def _other_model(other: str, subject: Subject) -> nn.Module:
     from saliencylab.models.registry import load_model
 
     clf = subject.clf
-    clf2 = load_run(other)[1] if (Path(other) / "best.pt").is_file() else load_model(other, device="cpu")
+    clf2 = load_run(other)[1] if (Path(other) / "best.pt").is_file() else load_model(other, device=clf.device)
     if clf2.input_size != clf.input_size or clf2.channels != clf.channels:
         raise UserError(f"--compare {other}: that model takes {clf2.channels}x{clf2.input_size}, this one "
                         f"{clf.channels}x{clf.input_size}; compare models with the same input")
-    return clf2.to("cpu").module.eval()
+    return clf2.to(clf.device).module.eval()
 
 
-def _shuffled_label_model(run_dir: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> nn.Module:
+def _shuffled_label_model(run_dir: Path, cfg: dict[str, Any], log: Callable[[str], None],
+                          device: torch.device) -> nn.Module:
     """Adebayo et al.'s data randomisation: the same training on shuffled labels (kept in RUN/shuffled)."""
     from saliencylab.train import TrainConfig, train
 
@@ -1010,8 +1020,8 @@ def _shuffled_label_model(run_dir: Path, cfg: dict[str, Any], log: Callable[[str
     out = run_dir / "shuffled"
     if not (out / "best.pt").is_file():
         log(f"data randomisation: training on shuffled labels into {out}")
-        train(TrainConfig(**fields_), out, progress=False, log=log)
-    return load_run(out)[1].to("cpu").module.eval()
+        train(TrainConfig(**fields_), out, progress=False, log=log, device=str(device))
+    return load_run(out)[1].to(device).module.eval()
 
 
 # ---------------------------------------------------------------------------------------------- aggregate

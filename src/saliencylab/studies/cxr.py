@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from saliencylab.data.datasets import Record, load_mask
-from saliencylab.dist import World, gather_shards, my_shards, process_group, shard_bounds, world
+from saliencylab.dist import World, gather_shards, local_device, my_shards, process_group, shard_bounds, world
 from saliencylab.errors import UserError
 from saliencylab.fsutil import write_json, write_text
 from saliencylab.metrics.classification import binary_metrics, in_words
@@ -27,33 +27,41 @@ def evaluate(run: str | Path | None = None, *, model: str | None = None, weights
              n: int | None = None, threshold: float = 0.5, out: str | Path | None = None, figure3: bool = True,
              methods: str = "vanilla,smoothgrad,integrated_gradients,gradcam", n_per_side: int = 2, low: float = 0.1,
              high: float = 0.9, seed: int = 0, batch_size: int = 64, progress: bool | None = None,
-             log: Any = None, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+             log: Any = None, model_kwargs: dict[str, Any] | None = None, device: str = "cpu",
+             precision: str = "fp32") -> dict[str, Any]:
     """Write predictions.csv, metrics.json, unreadable.json, ROC / confusion / histogram PNGs and Figure 3.
 
     The model and images come from a run folder (its test split; with `data`, the images of that dataset
     whose names are in the test split, else all of them) or from `model` + `data` (every image, or a seeded
     sample of `n`). Images stream through in batches of `batch_size`: memory stays flat in their number.
-    Unreadable images are skipped and listed (console, unreadable.json, metrics.json).
+    Unreadable images are skipped and listed (console, unreadable.json, metrics.json). The model runs on
+    `device` ('auto', 'cpu', 'cuda'; under torchrun cuda:<local rank>) at `precision` ('fp32', 'tf32',
+    'bf16'), both recorded in metrics.json.
 
     Under torchrun each rank predicts its share of the batches (batches r, r + world, ...) and rank 0 alone
     writes the files, the same files as one process.
     """
+    from saliencylab.precision import check_precision
+
+    precision = check_precision(precision)
     w = world()
     with process_group(w, torch.device("cpu")):
         return _evaluate(w, run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n,
                          threshold=threshold, out=out, figure3=figure3, methods=methods, n_per_side=n_per_side,
                          low=low, high=high, seed=seed, batch_size=batch_size,
                          progress=progress if w.main else False, log=log if w.main else None,
-                         model_kwargs=model_kwargs)
+                         model_kwargs=model_kwargs, device=local_device(device, w), precision=precision)
 
 
 def _evaluate(w: World, run: str | Path | None, *, model: str | None, weights: str | None, data: str | Path | None,
               classes: tuple[str, ...] | None, masks: str | Path | None, n: int | None, threshold: float,
               out: str | Path | None, figure3: bool, methods: str, n_per_side: int, low: float, high: float,
               seed: int, batch_size: int, progress: bool | None, log: Any,
-              model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+              model_kwargs: dict[str, Any] | None, device: torch.device, precision: str) -> dict[str, Any]:
+    from saliencylab.precision import precision as run_at
+
     subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed,
-                      model_kwargs=model_kwargs)
+                      model_kwargs=model_kwargs, device=device)
     if not subject.labelled:
         raise UserError(f"'{subject.base}' is an explain folder without labels; pass --data DIR (labelled images)")
     if not subject.binary:
@@ -61,7 +69,8 @@ def _evaluate(w: World, run: str | Path | None, *, model: str | None, weights: s
                         f"({', '.join(subject.classes)}): use `saliencylab audit` for it, or --classes NEG,POS "
                         "with a binary model")
     out = Path(out) if out else subject.default_out("eval", str(data) if data else None)
-    probs, kept, bad = _predict(subject, batch_size, progress, w)
+    with run_at(precision, subject.clf.device):
+        probs, kept, bad = _predict(subject, batch_size, progress, w)
     if log is not None and bad:
         log(f"{len(bad)} unreadable images skipped: " + ", ".join(f for f, _ in bad[:10])
             + (" ..." if len(bad) > 10 else "") + f" (listed in {out / 'unreadable.json'})")
@@ -75,7 +84,8 @@ def _evaluate(w: World, run: str | Path | None, *, model: str | None, weights: s
     metrics.update({"classes": list(classes), "positive_class": classes[1], "data": str(subject.origin.get("data")),
                     "scope": subject.scope, "unreadable": len(bad),
                     "checkpoint": str(subject.base / "best.pt") if subject.kind == "run" else None,
-                    "model": subject.origin.get("model"), "weights": subject.origin.get("weights")})
+                    "model": subject.origin.get("model"), "weights": subject.origin.get("weights"),
+                    "device": str(subject.clf.device), "precision": precision})
     if not w.main:  # rank 0 writes the files
         return metrics | {"out": str(out), "unreadable_files": [f for f, _ in bad]}
     out.mkdir(parents=True, exist_ok=True)
@@ -89,8 +99,9 @@ def _evaluate(w: World, run: str | Path | None, *, model: str | None, weights: s
     write_json(out / "metrics.json", metrics)
     _plots(out, labels, probs, metrics, classes)
     if figure3:
-        metrics["figure3"] = figure_3(subject, kept, probs, out, methods=methods, n_per_side=n_per_side,
-                                      low=low, high=high, seed=seed)
+        with run_at(precision, subject.clf.device):
+            metrics["figure3"] = figure_3(subject, kept, probs, out, methods=methods, n_per_side=n_per_side,
+                                          low=low, high=high, seed=seed)
         write_json(out / "metrics.json", metrics)
     if subject.kind == "model" and out.parent == subject.base:
         write_json(subject.base / "model.json", subject.origin)
@@ -185,7 +196,8 @@ def figure_3(subject: Subject, records: list[Record], probs: np.ndarray, out: Pa
         return {"images": [], "note": f"{len(bad)} of the chosen images became unreadable"}
     side = torch.tensor([0 if probs[i] <= low else 1 for i in chosen])
     target = resolve_target(clf.module, x, side)
-    maps = {s.name: s.fn(clf.module, x, target).detach().numpy() for s in specs}
+    maps = {s.name: s.fn(clf.module, x, target).detach().float().cpu().numpy() for s in specs}
+    x = x.cpu()
     import matplotlib
 
     matplotlib.use("Agg")

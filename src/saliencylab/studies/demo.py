@@ -49,15 +49,19 @@ class DemoConfig:
 
 
 def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progress: bool | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, device: str = "cpu", precision: str = "fp32") -> dict[str, Any]:
     """Run every stage into `out`; return the headline numbers and the report's path.
 
     Args:
         progress: progress bars inside long stages (None: only on a terminal).
+        device: where every stage's model runs ('auto', 'cpu', 'cuda'); precision: 'fp32', 'tf32' or 'bf16'
+            for classification, explanation, evaluation and the audit (training stays float32).
     """
     from saliencylab.data.phantoms import PhantomConfig, generate
+    from saliencylab.devices import choose_device
     from saliencylab.methods import parse_methods
     from saliencylab.models import load_model
+    from saliencylab.precision import check_precision
     from saliencylab.report.writer import write_report
     from saliencylab.studies.audit import audit
     from saliencylab.studies.cxr import evaluate
@@ -65,6 +69,7 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
     from saliencylab.train import TrainConfig, train
 
     cfg = DemoConfig.quick() if quick else DemoConfig()
+    dev, precision = choose_device(device), check_precision(precision)
     out = Path(out)
     if force and out.exists():
         shutil.rmtree(out)
@@ -95,13 +100,16 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
                       "integrated_gradients": {"n_steps": cfg.ig_steps}}
 
     def study1() -> None:
-        clf = load_model("efficientnet_lite0")
+        from saliencylab.precision import precision as run_at
+
+        clf = load_model("efficientnet_lite0", device=dev)
         sources = [f"sample:{n}" for n in ("chelsea", "coffee", "rocket", "motorcycle_left")]
-        write_json(out / "study1" / "classify.json", {"model": clf.describe(),
-                                                      "images": list(classify(clf, sources, k=5))})
+        with run_at(precision, dev):
+            rows = list(classify(clf, sources, k=5))
+        write_json(out / "study1" / "classify.json", {"model": clf.describe(), "images": rows})
         specs = parse_methods("vanilla,smoothgrad,integrated_gradients,gradcam,spectral_residual")
         explain(clf, sources, specs, out / "study1" / "explain", progress=progress, options=method_options,
-                model_args={"model": "efficientnet_lite0", "weights": None})
+                model_args={"model": "efficientnet_lite0", "weights": None}, precision=precision)
 
     def phantoms(name: str, rates: dict[str, float]) -> Callable[[], None]:
         def fn() -> None:
@@ -121,20 +129,22 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
     def fit(name: str, data: str) -> Callable[[], None]:
         def fn() -> None:
             train(TrainConfig(data=str(out / "data" / data), epochs=cfg.epochs, image_size=cfg.image_size,
-                              seed=cfg.seed), out / "runs" / name, progress=progress, log=lambda *_: None)
+                              seed=cfg.seed), out / "runs" / name, progress=progress, log=lambda *_: None,
+                  device=str(dev))
         return fn
 
     def test(name: str, data: str | None, label: str) -> Callable[[], None]:
         def fn() -> None:
             evaluate(out / "runs" / name, data=str(out / "data" / data) if data else None,
-                     out=out / "runs" / name / label, progress=progress, seed=cfg.seed)
+                     out=out / "runs" / name / label, progress=progress, seed=cfg.seed, device=dev,
+                     precision=precision)
         return fn
 
     def check(name: str, other: str) -> Callable[[], None]:
         def fn() -> None:
             audit(out / "runs" / name, n=cfg.audit_images, compare=str(out / "runs" / other),
                   sanity_images=cfg.sanity_images, faithfulness_images=cfg.faithfulness_images, seed=cfg.seed,
-                  options=method_options, progress=progress, log=lambda *_: None)
+                  options=method_options, progress=progress, log=lambda *_: None, device=dev, precision=precision)
         return fn
 
     stage("study 1: photos", study1)
@@ -152,7 +162,8 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
     report = write_report(out, command="saliencylab demo" + (" --quick" if quick else ""))
     log(f"{'report':<28} {time.perf_counter() - t:6.1f}s")
     headline = json.loads((out / "report_numbers.json").read_text())
-    write_json(out / "demo.json", {"settings": settings, "stages": stages, "headline": headline})
+    write_json(out / "demo.json", {"settings": settings, "stages": stages, "headline": headline,
+                                   "device": str(dev), "precision": precision})
     return {"report": str(report), "headline": headline, "stages": stages}
 
 

@@ -34,7 +34,7 @@ def batched(images: Iterator[LoadedImage], size: int) -> Iterator[list[LoadedIma
 def probabilities(clf: Classifier, x: torch.Tensor) -> torch.Tensor:
     """Class probabilities [B, K]: softmax, or (1 - p, p) from a single-logit sigmoid head."""
     with torch.inference_mode():
-        logits = clf.module(x)
+        logits = clf.module(x).float()  # float32 also under bf16 autocast
     if logits.shape[1] == 1:
         p = torch.sigmoid(logits[:, 0])
         return torch.stack([1 - p, p], dim=1)
@@ -121,10 +121,14 @@ class ExplainResult:
 
 
 def run_method(clf: Classifier, spec: MethodSpec, x: torch.Tensor, target: torch.Tensor,
-               opts: dict[str, Any]) -> tuple[torch.Tensor, float, dict[str, list[float]]]:
-    """One method on one batch: the raw map [B, H, W], its seconds, and per-image extras (IG's completeness)."""
+               opts: dict[str, Any]) -> tuple[torch.Tensor, float, dict[str, list[float]], dict[str, Any] | None]:
+    """One method on one batch: the raw map [B, H, W], its seconds, per-image extras (IG's completeness) and
+    the pass sizes the sampling methods chose (`describe_passes`, None for other methods)."""
+    from saliencylab.methods._common import describe_passes, record_passes
+
     t0 = time.perf_counter()
-    raw = spec.fn(clf.module, x, target, **opts)
+    with record_passes() as passes:
+        raw = spec.fn(clf.module, x, target, **opts)
     if clf.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -132,14 +136,15 @@ def run_method(clf: Classifier, spec: MethodSpec, x: torch.Tensor, target: torch
     if spec.name == "integrated_gradients":
         gap = completeness_error(clf.module, x, target, raw, opts.get("baseline", "black"))
         extras["ig_completeness_error"] = gap.cpu().tolist()
-    return raw, seconds, extras
+    return raw, seconds, extras, describe_passes(passes)
 
 
 def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpec], out: str | Path, *,
             options: dict[str, dict[str, Any]] | None = None, target: str = "predicted", top: int = 5,
             batch_size: int = 4, display: DisplaySettings = DisplaySettings(), grid_rows: int = 8,
             skip_bad: bool = False, progress: bool | None = None, command: str = "",
-            model_args: dict[str, Any] | None = None, stream: StreamConfig | None = None) -> ExplainResult:
+            model_args: dict[str, Any] | None = None, stream: StreamConfig | None = None,
+            precision: str = "fp32") -> ExplainResult:
     """Run each method on each image; write raw maps, overlays, a figure grid and results.json under `out`.
 
     A resumable job (see `saliencylab.studies.streaming`): each image's outputs are written atomically as it
@@ -153,6 +158,10 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
         grid_rows: at most this many images go into figure.png (all get their own files); `stream.grid` wins.
         model_args: how the model was loaded ({'model': ..., 'weights': ...}), so `audit` can reload it.
         stream: shards, output formats, workers, --force/--resume (default: StreamConfig(grid=grid_rows)).
+        precision: 'fp32', 'tf32' or 'bf16' for every model call (see `saliencylab.precision`).
+
+    results.json records the device, the precision and, per sampling method, the pass size it used
+    ('passes': {'rule', 'samples_per_pass'}, from `methods._common.record_passes`).
     """
     from saliencylab.studies.streaming import explain_stream
 
@@ -161,7 +170,8 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
     res = explain_stream(clf, list(sources), methods, out, options=options, target=target, top=top,
                          batch_size=batch_size, display=display, cfg=stream, skip_bad=skip_bad, progress=progress,
                          command=command, model_args=model_args or {"model": clf.name, "weights": None},
-                         defaults={m.name: {**_defaults(m), **options.get(m.name, {})} for m in methods})
+                         defaults={m.name: {**_defaults(m), **options.get(m.name, {})} for m in methods},
+                         precision=precision)
     return ExplainResult(out=Path(out), images=res.images, seconds=res.seconds, skipped=res.skipped,
                          n_images=res.n_images, computed=res.computed, reused=res.reused, grid=res.grid,
                          removed=res.removed)

@@ -174,10 +174,12 @@ class Job:
     shard_size: int
     batch_size: int
     n_inputs: int
+    precision: str = "fp32"
 
     def row_key(self, name: str, method: str | None, ihash: str) -> str:
         """The hash that says a manifest row (image `name`, `method`; None: a skipped input) is current."""
-        common = [self.model_hash, self.target, self.top, self.outputs, self.map_dtype, name, ihash]
+        common = [self.model_hash, self.target, self.top, self.outputs, self.map_dtype, name, ihash,
+                  *([] if self.precision == "fp32" else [self.precision])]
         if method is None:
             return _sha(["skipped", *common])[:32]
         draw = [self.display, self.overlay_side] if "png" in self.outputs else []
@@ -356,6 +358,7 @@ class Work:
     img: LoadedImage
     maps: dict[str, np.ndarray]  # method -> (h, w) float32 at the model's resolution
     seconds: dict[str, float]
+    passes: dict[str, Any]  # method -> describe_passes() of its batch (None: not a sampling method)
     keys: dict[str, str]
     base: dict[str, Any]  # the row fields shared by the image's methods
 
@@ -386,7 +389,7 @@ def write_image(out: Path, job: Job, specs: dict[str, MethodSpec], display: Any,
     rows = []
     for method, m in work.maps.items():
         row = {**work.base, "key": work.keys[method], "method": method, "map_size": list(m.shape),
-               "seconds": round(work.seconds[method], 6)}
+               "seconds": round(work.seconds[method], 6), "passes": work.passes.get(method)}
         if job.outputs == "hdf5":
             row["h5"] = f"{h5_path(Path('.'), row['shard']).as_posix()}#{work.name}/{method}"
         else:
@@ -502,9 +505,10 @@ def run_shard(clf: Classifier, job: Job, specs: Sequence[MethodSpec], out: Path,
         need = [m for m in by_name if any((it.index, m) not in valid for it, _ in good)]
         maps: dict[str, np.ndarray] = {}
         secs: dict[str, float] = {}
+        pas: dict[str, Any] = {}
         extras: dict[str, list[float]] = {}
         for m in need:
-            raw, sec, extra = run_method(clf, by_name[m], x, tgt, job.methods[m]["call"])
+            raw, sec, extra, pas[m] = run_method(clf, by_name[m], x, tgt, job.methods[m]["call"])
             secs[m] = sec / len(good)
             extras.update(extra)
             maps[m] = raw.detach().float().cpu().numpy()
@@ -519,7 +523,7 @@ def run_shard(clf: Classifier, job: Job, specs: Sequence[MethodSpec], out: Path,
                     "map_dtype": job.map_dtype}
             extra = {k: v[i] for k, v in extras.items()}
             work = Work(it.index, it.name, it.source, it.ihash, img, {m: maps[m][i] for m in mine},
-                        secs, {m: want[(it.index, m)] for m in mine}, base)
+                        secs, pas, {m: want[(it.index, m)] for m in mine}, base)
             if job.outputs == "hdf5":
                 for m in mine:
                     h5_maps[(it.name, m)] = maps[m][i]
@@ -633,7 +637,8 @@ def grid_indices(n: int, k: int) -> set[int]:
 
 
 def summarise(out: Path, job: Job, specs: Sequence[MethodSpec], *, display: Any, command: str,
-              grid: int, defaults: dict[str, dict[str, Any]]) -> dict[str, Any]:
+              grid: int, defaults: dict[str, dict[str, Any]], device: str = "cpu",
+              precision: str = "fp32") -> dict[str, Any]:
     """Write results.json and figure.png from the manifests (two passes, one shard in memory at a time)."""
     from saliencylab.render import GridRow, saliency_grid
 
@@ -651,17 +656,32 @@ def summarise(out: Path, job: Job, specs: Sequence[MethodSpec], *, display: Any,
         if "ig_completeness_error" in rec:
             e = abs(float(rec["ig_completeness_error"]))
             ig_sum, ig_max, ig_n = ig_sum + e, max(ig_max, e), ig_n + 1
+    rules: dict[str, set[str]] = {m: set() for m in job.methods}
+    samples: dict[str, set[int]] = {m: set() for m in job.methods}
     for r in iter_rows(out, n_shards):
         if r.get("method") in seconds:
             seconds[r["method"]] += float(r.get("seconds", 0.0))
+            p = r.get("passes")
+            if p:
+                rules[r["method"]].update([p["rule"]] if isinstance(p["rule"], str) else p["rule"])
+                samples[r["method"]].update(p["samples_per_pass"])
+
+    def passes(m: str) -> dict[str, Any] | None:  # `describe_passes` over every row of the method
+        if not rules[m]:
+            return None
+        rs = sorted(rules[m])
+        return {"rule": rs[0] if len(rs) == 1 else rs, "samples_per_pass": sorted(samples[m])}
+
     picks = grid_indices(n_images, grid)
     sample: list[dict[str, Any]] = []
     head = {
-        "command": command, "model": job.model, "model_args": job.model_args, "target": job.target,
+        "command": command, "model": job.model, "model_args": job.model_args, "device": device,
+        "precision": precision, "target": job.target,
         "display": display.__dict__,
         "methods": {m.name: {"options": defaults[m.name], "family": m.family, "paper": m.paper,
                              "seconds": round(seconds[m.name], 4),
-                             "seconds_per_image": round(seconds[m.name] / max(1, n_images), 4)} for m in specs},
+                             "seconds_per_image": round(seconds[m.name] / max(1, n_images), 4),
+                             "passes": passes(m.name)} for m in specs},
         "figure": "figure.png" if picks else None,
         "job": {"shard_size": job.shard_size, "shards": n_shards, "outputs": job.outputs, "map_dtype": job.map_dtype,
                 "manifests": [manifest_path(Path("."), s).as_posix() for s in range(n_shards)],
@@ -791,11 +811,15 @@ class StreamResult:
 def explain_stream(clf: Classifier, sources: Sequence[str], specs: Sequence[MethodSpec], out: str | Path, *,
                    options: dict[str, dict[str, Any]], target: str, top: int, batch_size: int, display: Any,
                    cfg: StreamConfig, skip_bad: bool, progress: bool | None, command: str,
-                   model_args: dict[str, Any], defaults: dict[str, dict[str, Any]]) -> StreamResult:
+                   model_args: dict[str, Any], defaults: dict[str, dict[str, Any]],
+                   precision: str = "fp32") -> StreamResult:
     """Run explain as a resumable job in `out` (see the module docstring); under torchrun, on every rank."""
     from tqdm import tqdm
 
+    from saliencylab.precision import precision as run_at
+
     cfg.check()
+    used = precision
     out = Path(out)
     if not sources:
         from saliencylab.studies.photos import nothing_read
@@ -807,7 +831,7 @@ def explain_stream(clf: Classifier, sources: Sequence[str], specs: Sequence[Meth
                   methods={s.name: {"options": defaults[s.name], "call": options.get(s.name, {})} for s in specs},
                   target=str(target), top=int(top), display=dict(display.__dict__), outputs=cfg.outputs,
                   map_dtype=cfg.map_dtype, overlay_side=cfg.overlay_side, shard_size=cfg.shard_size,
-                  batch_size=batch_size, n_inputs=len(sources))
+                  batch_size=batch_size, n_inputs=len(sources), precision=precision)
         fresh = not out.exists() or not any(out.iterdir())
         missing = [p for p in (out, *out.parents) if not os.path.lexists(p)]  # folders this run makes
         if w.main:
@@ -822,7 +846,8 @@ def explain_stream(clf: Classifier, sources: Sequence[str], specs: Sequence[Meth
         computed = 0
         pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="explain-io") if cfg.workers > 0 else None
         try:
-            with tqdm(total=total, unit="map", disable=disable, desc="explain") as bar:
+            with tqdm(total=total, unit="map", disable=disable, desc="explain") as bar, \
+                    run_at(precision, clf.device) as used:
                 for s in mine:
                     lo, hi = bounds[s]
                     items = [Item(i, sources[i], names[i], input_hash(sources[i])) for i in range(lo, hi)]
@@ -842,7 +867,7 @@ def explain_stream(clf: Classifier, sources: Sequence[str], specs: Sequence[Meth
         if w.main:
             removed = clean_folder(out, job, names, [s.name for s in specs])
             summary = summarise(out, job, specs, display=display, command=command, grid=cfg.grid,
-                                defaults=defaults)
+                                defaults=defaults, device=str(clf.device), precision=used)
         dist.barrier(w)
     skipped = []
     if w.main:

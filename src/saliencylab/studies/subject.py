@@ -95,7 +95,8 @@ def load_run(run: str | Path) -> tuple[Path, Classifier, dict[str, Any]]:
 
 def resolve(run: str | Path | None = None, *, model: str | None = None, weights: str | None = None,
             data: str | Path | None = None, classes: Sequence[str] | None = None, masks: str | Path | None = None,
-            n: int | None = None, seed: int = 0, model_kwargs: dict[str, Any] | None = None) -> Subject:
+            n: int | None = None, seed: int = 0, model_kwargs: dict[str, Any] | None = None,
+            device: str | torch.device = "cpu") -> Subject:
     """The subject named by a run / explain folder, or by a model and a dataset.
 
     Args:
@@ -107,13 +108,18 @@ def resolve(run: str | Path | None = None, *, model: str | None = None, weights:
         n: a seeded sample of this many images (None: every image).
         model_kwargs: preprocessing for `load_model` that the model file does not carry (input_size,
             channels, mean, std; see `saliencylab.models.preprocessing_kwargs`).
+        device: where the model runs ('auto', 'cpu', 'cuda'; see `saliencylab.devices.choose_device`);
+            `load_batch` puts the images there too.
     """
+    from saliencylab.devices import choose_device
+
+    dev = choose_device(device)
     if run is not None and model is not None:
         raise UserError(f"give either a run folder ({run}) or --model {model}, not both")
     if run is None and model is None:
         raise UserError("name what to check: a run folder, an explain folder, or --model M --data DIR")
     if run is not None and (Path(run) / "results.json").is_file() and not (Path(run) / "best.pt").is_file():
-        return _explain_subject(Path(run), data=data, classes=classes, masks=masks, n=n, seed=seed)
+        return _explain_subject(Path(run), data=data, classes=classes, masks=masks, n=n, seed=seed, device=dev)
     if run is not None:
         run_dir, clf, cfg = load_run(run)
         root = data or cfg.get("data")
@@ -124,7 +130,7 @@ def resolve(run: str | Path | None = None, *, model: str | None = None, weights:
         split = read_split(run_dir / "split.csv") if (run_dir / "split.csv").is_file() else {}
         pool = [r for r in ds.records if split.get(r.file) == "test"]
         scope = "test split" if pool else "all images"
-        return Subject(clf.to("cpu"), _sample(pool or ds.records, n, seed), ds.root, ds.classes, "run",
+        return Subject(clf.to(dev), _sample(pool or ds.records, n, seed), ds.root, ds.classes, "run",
                        {"run": str(run_dir), "data": str(root), "masks": str(masks) if masks else None}, run_dir,
                        meta=read_metadata(ds.root), config=cfg, scope=scope)
     from saliencylab.models.registry import load_model
@@ -132,7 +138,7 @@ def resolve(run: str | Path | None = None, *, model: str | None = None, weights:
     assert model is not None
     if not data:
         raise UserError(f"--model {model}: also give --data DIR (a dataset folder or a CSV of file,label[,mask])")
-    clf = load_model(model, weights=weights, device="cpu", **(model_kwargs or {}))
+    clf = load_model(model, weights=weights, device=dev, **(model_kwargs or {}))
     names = tuple(classes or clf.class_names)
     ds = _dataset(clf, model, data, names, masks)
     base = Path("runs") / _slug(f"{Path(model).stem}-{Path(data).stem}")
@@ -182,14 +188,15 @@ def _slug(text: str) -> str:
 
 
 def _explain_subject(folder: Path, *, data: str | Path | None, classes: Sequence[str] | None,
-                     masks: str | Path | None, n: int | None, seed: int) -> Subject:
+                     masks: str | Path | None, n: int | None, seed: int,
+                     device: torch.device = torch.device("cpu")) -> Subject:
     """An explain folder: its model, and its own images and targets (or `data` instead of its images)."""
     from saliencylab.models.registry import load_model
 
     res = json.loads((folder / "results.json").read_text())
     args = res.get("model_args") or {"model": res["model"]["name"], "weights": None}
     # reload exactly as explain loaded it: the preprocessing flags ride along in model_args
-    clf = load_model(args["model"], device="cpu", **{k: v for k, v in args.items() if k != "model"})
+    clf = load_model(args["model"], device=device, **{k: v for k, v in args.items() if k != "model"})
     origin = {"explain": str(folder), "model": args["model"], "weights": args.get("weights"),
               "data": str(data) if data else None, "masks": str(masks) if masks else None}
     if data:
@@ -208,8 +215,8 @@ def _explain_subject(folder: Path, *, data: str | Path | None, classes: Sequence
 
 def load_batch(subject: Subject, records: Sequence[Record]) -> tuple[torch.Tensor, list[Record],
                                                                        list[tuple[str, str]]]:
-    """Decode a batch: x[B, C, H, W] in [0, 1] for the readable records, those records, and the unreadable
-    ones as (file, reason)."""
+    """Decode a batch: x[B, C, H, W] in [0, 1] on the model's device for the readable records, those records,
+    and the unreadable ones as (file, reason)."""
     from saliencylab.data.cache import decode_cache, to_batch
 
     clf = subject.clf
@@ -224,7 +231,7 @@ def load_batch(subject: Subject, records: Sequence[Record]) -> tuple[torch.Tenso
             except UserError as err:
                 bad.append((r.file, str(err)))
         x = torch.stack(xs) if xs else torch.zeros(0, clf.channels, *clf.input_size)
-        return x, ok, bad
+        return x.to(clf.device), ok, bad
     ds = Dataset(subject.root, list(records), subject.classes, "")
     cache, bad = decode_cache(ds, list(records), clf.input_size[0], workers=1, progress=False,
                               channels=3 if clf.channels == 3 else 1)
@@ -234,15 +241,16 @@ def load_batch(subject: Subject, records: Sequence[Record]) -> tuple[torch.Tenso
     x = to_batch(cache[keep], np.arange(len(ok)), clf.channels).contiguous()
     if clf.input_size[0] != clf.input_size[1]:
         x = torch.nn.functional.interpolate(x, size=clf.input_size, mode="bilinear", align_corners=False)
-    return x, ok, bad
+    return x.to(clf.device), ok, bad
 
 
 def class_probabilities(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    """Probabilities [B, K] in eval mode; a single-logit model gives [1 - p, p]."""
+    """Probabilities [B, K] in eval mode (x is moved to the model's device); a single-logit model gives [1 - p, p]."""
+    from saliencylab.devices import module_device
     from saliencylab.methods._common import eval_mode
 
     with eval_mode(model), torch.inference_mode():
-        logits = model(x).double()
+        logits = model(x.to(module_device(model))).double()
     if logits.shape[1] == 1:
         p = torch.sigmoid(logits[:, 0])
         return torch.stack([1 - p, p], 1).cpu().numpy()
