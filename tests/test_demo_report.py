@@ -106,11 +106,87 @@ def test_report_in_a_real_browser(demo, tmp_path):
         assert cell.text == f"{metrics['balanced_accuracy']['value']:.3f}"
         audit = json.loads((demo / "runs/shortcut/audit/audit.json").read_text())
         mass = browser.find_element("css selector", 'table[data-audit="shortcut"] tr[data-method="vanilla"] '
-                                                    'td[data-metric="lung_mass"]')
+                                                    '[data-metric="lung_mass"]')
         assert mass.text == f"{100 * audit['methods']['vanilla']['lung_mass']:.0f}%"
         flips = browser.find_element("css selector", 'span[data-metric="marker_flips"][data-run="shortcut"]')
         assert flips.text == str(audit["probes"]["marker_swap"]["flips"])
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "report.png"))
+    finally:
+        browser.quit()
+
+
+DEMO_ONLY = ("the article's two studies", '"shortcut" phantoms carry', "Study 1", "Study 2")
+
+
+def test_report_text_follows_the_folder_kind(demo):
+    """Demo, run, audit and evaluate folders: each report has its own lead and only the sections its data
+    supports; the headline box speaks in sentences with chance levels, never raw keys."""
+    html = (demo / "report.html").read_text()
+    assert 'data-kind="demo"' in html and "the article's two studies" in html and 'id="study1"' in html
+    assert "spectral residual is model-free" in html  # the demo runs it
+    box = html.split('id="headline"', 1)[1].split("</div>", 1)[0]
+    assert "marker_mass" not in box and "lung_mass" not in box and "of the saliency on the marker, which covers" in box
+    assert "images flagged for saliency on the marker or outside the lungs beyond chance" in box
+    for run in ("shortcut", "clean"):  # both models' flags appear, with their rule
+        assert f'data-flags="{run}"' in html and f'data-summary="{run}"' in html
+    for verdict in ("faithfulness", "lungs", "marker", "stability"):
+        assert f'data-verdict="{verdict}"' in html
+    assert "deletion &darr;" in html and "insertion &uarr;" in html and 'class="scroll"' in html
+    runs = demo / "runs"
+    expect = {runs / "shortcut": ("run", True, True), runs / "shortcut" / "audit": ("audit", False, True),
+              runs / "shortcut" / "eval": ("evaluate", True, False)}
+    for folder, (kind, has_eval, has_audit) in expect.items():
+        res = runner.invoke(app, ["report", str(folder)])
+        assert res.exit_code == 0, res.output
+        page = (folder / "report.html").read_text()
+        assert f'data-kind="{kind}"' in page, kind
+        assert ('id="cxr"' in page) == has_eval and ('id="audit"' in page) == has_audit, kind
+        assert ("Figure 3" in page) == has_eval, kind
+        for text in DEMO_ONLY:
+            assert text not in page, (kind, text)
+        assert "synthetic chest X-ray phantoms" in page or kind == "audit"  # the data are phantoms: said once
+        assert 'id="figure2"' not in page and 'id="explain"' not in page
+
+
+def test_figure3_titles_say_label_and_prediction(demo):
+    from saliencylab.studies.cxr import figure_3  # noqa: F401  (the titles are drawn there)
+
+    metrics = json.loads((demo / "runs/shortcut/eval/metrics.json").read_text())
+    assert metrics["figure3"]["images"], "the quick demo's Figure 3 shows images"
+    html = (demo / "report.html").read_text()
+    assert 'figure 3 for shortcut eval' in html and 'gives the true class ("label")' in html
+    src = (ROOT / "src/saliencylab/studies/cxr.py").read_text()
+    assert 'f"{Path(rec.file).name}\\nlabel {name}, predicted {probs[i]:.2f}"' in src
+
+
+def test_audit_report_at_900_px(demo):
+    """In a 900 px window the page never scrolls sideways (the audit tables scroll in their own box), audit
+    figures show at their drawn size (text >= 9 pt as drawn at 100 dpi), and print keeps figures whole."""
+    html = (demo / "report.html").read_text()
+    assert "figure, img, table, .box { break-inside: avoid; }" in html
+    browser = headless_chromium(window="900,1000")
+    try:
+        browser.get((demo / "report.html").as_uri())
+        page = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth];")
+        assert page[0] <= page[1], page
+        boxes = browser.execute_script(
+            "return Array.from(document.querySelectorAll('div.scroll')).map(d => "
+            "[d.getBoundingClientRect().right, d.scrollWidth, d.clientWidth]);")
+        assert boxes and all(right <= page[1] for right, _, _ in boxes), boxes
+        assert any(sw > cw for _, sw, cw in boxes), "the wide audit table scrolls inside its box"
+        figs = browser.execute_script(
+            "return Array.from(document.querySelectorAll('figure.audit-fig img')).map(i => "
+            "[i.alt, i.naturalWidth, i.getBoundingClientRect().width]);")
+        assert len(figs) >= 4, figs  # localisation, sanity (per model) and the flagged images
+        for alt, natural, shown in figs:
+            assert natural <= 860 and abs(shown - natural) <= 2, (alt, natural, shown)  # 2: the 1 px borders
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        audit = browser.find_element("id", "audit")
+        browser.execute_script("arguments[0].scrollIntoView();", audit)
+        assert browser.save_screenshot(str(ARTIFACTS / "audit-900px.png"))
+        flags = browser.find_element("css selector", '[data-flags="shortcut"]')
+        browser.execute_script("arguments[0].scrollIntoView();", flags)
+        assert browser.save_screenshot(str(ARTIFACTS / "audit-flags-900px.png"))
     finally:
         browser.quit()

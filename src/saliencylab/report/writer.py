@@ -64,11 +64,29 @@ def _run_info(run: Path) -> dict[str, Any]:
                       "confusion": _png(ev / "confusion.png"), "histograms": _png(ev / "histograms.png")})
     audit_dir = run if (run / "audit.json").is_file() else run / "audit"
     audit = _json(audit_dir / "audit.json")
+    failing, unjudged, rule = [], [], {}
+    if audit:  # an audit written before verdicts and flags existed still renders
+        from saliencylab.studies import verdicts
+
+        audit.setdefault("flags", None)
+        for name, m in audit["methods"].items():
+            m.setdefault("verdicts", {})
+            rule = m.get("flag_rule") or rule
+            if any(v["verdict"] == verdicts.FEW and v["images"] for v in m["verdicts"].values()):
+                unjudged.append(name)
+        failing = verdicts.failing(audit["methods"])
     readings = {name: reading(s["lung_mass"], s["lung_share"]) for name, s in audit["methods"].items()} if audit else {}
     config = _json(run / "config.json") or {}
     source = _json(run / "model.json")
     data_meta = Path(config["data"]) / "metadata.csv" if config.get("data") else run / "no-data"
-    return {"name": run.name, "path": str(run), "config": config, "source": source, "evals": evals,
+    data_dirs = [Path(d) for d in [config.get("data"), (source or {}).get("data"), (audit or {}).get("data"),
+                                   *(ev["metrics"].get("data") for ev in evals)] if d]
+    # an audit (or evaluation) folder on its own is named after the model it judges
+    origin = (audit or {}).get("run") if audit_dir == run else None
+    return {"name": Path(origin).name if origin else run.name, "path": str(run), "config": config, "source": source,
+            "evals": evals,
+            "phantoms": any((d / "phantoms.json").is_file() for d in data_dirs),
+            "failing": failing, "unjudged": unjudged, "flag_rule": rule,
             "history": _png(run / "history.png"), "audit": audit, "readings": readings,
             "localisation": _png(audit_dir / "localisation.png"), "sanity": _png(audit_dir / "sanity.png"),
             "flagged": _png(audit_dir / "flagged.png"), "checkpoint_sha256": _sha(run / "best.pt"),
@@ -109,12 +127,16 @@ def write_report(folder: str | Path, *, command: str = "") -> Path:
     run_infos = [_run_info(r) for r in runs]
     demo = _json(folder / "demo.json")
     headline = _headline(run_infos)
+    kind = folder_kind(folder, runs, results)
     env = Environment(loader=PackageLoader("saliencylab", "report/templates"), autoescape=select_autoescape(),
                       undefined=StrictUndefined)
     env.filters["pct"] = pct
     env.filters["num"] = lambda v, d=3: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
     html = env.get_template("report.html.j2").render(
-        title="saliencylab report", classify=classify, results=results,
+        title="saliencylab report", kind=kind, classify=classify, results=results,
+        sentences=headline_sentences(run_infos), verdicts=verdict_words(),
+        spectral=bool(results) and "spectral_residual" in results.get("methods", {}),
+        phantoms=any(r["phantoms"] for r in run_infos),
         figure2=_png(explain_dir / "figure.png"), runs=run_infos, demo=demo, headline=headline,
         phantoms_vs_real=_png(folder / "phantoms_vs_real.png"),
         versions=_versions(), command=command or " ".join(sys.argv), folder=str(folder),
@@ -138,4 +160,63 @@ def _headline(runs: list[dict[str, Any]]) -> dict[str, Any]:
             swap = r["audit"]["probes"]["marker_swap"]
             if swap:
                 out[f"{r['name']} marker_swap flip_rate"] = swap["flip_rate"]
+    return out
+
+
+def folder_kind(folder: Path, runs: list[Path], results: Any) -> str:
+    """What the report is about: 'demo', 'explain', 'run' (a training run), 'model' (`--model --data`),
+    'audit' or 'evaluate' (a folder holding only that output); the text of each section follows it."""
+    if (folder / "demo.json").is_file():
+        return "demo"
+    if not runs:
+        return "explain"
+    for name, kind in (("best.pt", "run"), ("model.json", "model"), ("audit.json", "audit"),
+                       ("audit/audit.json", "audit"), ("metrics.json", "evaluate")):
+        if (folder / name).is_file():
+            return kind
+    return "run"
+
+
+def verdict_words() -> dict[str, str]:
+    """CSS class per verdict (green: beats random, grey: at chance, red: worse, muted: too few)."""
+    from saliencylab.studies import verdicts as v
+
+    return {v.BEATS: "pass", v.CHANCE: "chance", v.WORSE: "fail", v.FEW: "muted", v.ABOVE: "warn", v.BELOW: "chance"}
+
+
+def _ok(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def headline_sentences(runs: list[dict[str, Any]]) -> list[str]:
+    """The headline numbers as sentences, each beside its chance level or baseline."""
+    from saliencylab.studies import verdicts
+
+    out = []
+    for r in runs:
+        for ev in r["evals"]:
+            m = ev["metrics"]
+            ba = m["balanced_accuracy"]
+            out.append(f"Model {r['name']} on {ev['name']}: balanced accuracy {ba['value']:.3f} (95% CI "
+                       f"{ba['ci_low']:.3f} to {ba['ci_high']:.3f}; always answering the majority class scores 0.500).")
+        a = r["audit"]
+        if not a:
+            continue
+        first = next(iter(a["methods"]))
+        s = a["methods"][first]
+        said = {k: f" ({v['verdict']})" for k, v in s["verdicts"].items()}
+        if "marker" in a["checks"] and _ok(s["marker_mass"]):
+            out.append(f"Model {r['name']}, {first}: {pct(s['marker_mass'], 1)} of the saliency on the marker, which "
+                       f"covers {pct(s['marker_share'], 1)} of the image{said.get('marker', '')}.")
+        if "lungs" in a["checks"] and _ok(s["lung_mass"]):
+            out.append(f"Model {r['name']}, {first}: {pct(s['lung_mass'])} of the saliency inside the lungs, which "
+                       f"cover {pct(s['lung_share'])} of the image{said.get('lungs', '')}.")
+        swap = a["probes"].get("marker_swap")
+        if swap:
+            out.append(f"Model {r['name']}: adding or removing the marker flips {swap['flips']} of {swap['images']} "
+                       f"predictions (a model that ignores it flips none).")
+        if a["flags"]:
+            out.append(f"Model {r['name']}: {a['flags']['images']} of {a['images']} images flagged for saliency on "
+                       "the marker or outside the lungs beyond chance.")
+        out += [f"Model {r['name']}: {t}." for t in verdicts.failing(a["methods"])]
     return out

@@ -46,6 +46,7 @@ from saliencylab.metrics.localisation import (
     relevance_rank_accuracy,
 )
 from saliencylab.render.figures import save_figure
+from saliencylab.studies import verdicts
 from saliencylab.studies.subject import Subject, check_input, class_probabilities, load_batch, load_run, resolve
 
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -254,7 +255,7 @@ def _region_summary(prefix: str) -> Callable[[list[RegionRow], AuditConfig], dic
         if prefix == "lung":
             mass, share = out["lung_mass"], out["lung_share"]
             out["lung_ratio"] = mass / share if share and math.isfinite(share) else math.nan
-            out["flagged"] = [r.file for r in rows if r.mass < 0.5]
+            out["lungs_verdict"] = verdicts.judge([r.mass - r.share for r in rows], "lungs", seed=cfg.seed).as_dict()
         return out
 
     return summarise
@@ -302,13 +303,59 @@ class MarkerRow:
     marker_share: float
 
 
-@register_check("marker", needs=("markers",), summarise=lambda rows, cfg: {
-    k: _mean_of(rows, k) for k in ("marker_mass", "marker_share")})
+def _marker_summary(rows: list[MarkerRow], cfg: AuditConfig) -> dict[str, Any]:
+    diffs = [r.marker_mass - r.marker_share for r in rows]
+    return {**{k: _mean_of(rows, k) for k in ("marker_mass", "marker_share")},
+            "marker_verdict": verdicts.judge(diffs, "marker", seed=cfg.seed).as_dict()}
+
+
+@register_check("marker", needs=("markers",), summarise=_marker_summary)
 def marker(b: Batch, cfg: AuditConfig) -> list[MarkerRow]:
     """Saliency on the laterality marker (images without one: NaN; chance: the marker's share)."""
     return [MarkerRow(f, name, _score(mass_inside, m[i], b.markers[i]),
                       float(b.markers[i].mean()) if b.markers[i] is not None else math.nan)
             for name, m in b.maps.items() for i, f in enumerate(b.files)]
+
+
+@dataclass(frozen=True)
+class FlagRow:
+    """Whether one image's map sits off the anatomy beyond chance (see `verdicts.flag_image`).
+
+    Attributes:
+        reasons: 'marker' and/or 'outside lungs', space-joined ('' when not flagged).
+        score: the larger excess over chance (marker mass minus its share, or the lungs' share minus the
+            mass inside them); the most telling images have the largest.
+    """
+
+    file: str
+    method: str
+    reasons: str
+    score: float
+    marker_excess: float
+    marker_null: float
+    lung_deficit: float
+    lung_null: float
+
+
+def _flags_summary(rows: list[FlagRow], cfg: AuditConfig) -> dict[str, Any]:
+    hit = sorted((r for r in rows if r.reasons), key=lambda r: -r.score)
+    return {"flagged": [r.file for r in hit], "flag_reasons": {r.file: r.reasons for r in hit},
+            "flag_rule": {"marker_excess": verdicts.FLAG_MARKER_EXCESS, "random_boxes": verdicts.FLAG_BOXES,
+                          "lung_deficit": verdicts.FLAG_LUNG_DEFICIT}}
+
+
+@register_check("flags", summarise=_flags_summary)
+def flags(b: Batch, cfg: AuditConfig) -> list[FlagRow]:
+    """Flag images whose saliency falls on the marker beyond every marker-sized box at a random position (and
+    1 point above the marker's share), or outside the lungs 10 points beyond a random map's share and beyond
+    the same map moved to any random place."""
+    rows = []
+    for name, m in b.maps.items():
+        for i, f in enumerate(b.files):
+            got = verdicts.flag_image(m[i].numpy(), b.lungs[i], b.markers[i], seed=cfg.seed + b.offset + i)
+            rows.append(FlagRow(f, name, " ".join(got.reasons), got.score, got.marker_excess, got.marker_null,
+                                got.lung_deficit, got.lung_null))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ stability
@@ -325,27 +372,36 @@ class StabilityRow:
     shift_spearman: float
     shift_ssim: float
     max_sensitivity: float | None
+    unrelated_spearman: float = math.nan
 
 
 def _stability_summary(rows: list[StabilityRow], cfg: AuditConfig) -> dict[str, Any]:
-    return {**{k: _mean_of(rows, k) for k in ("noise_spearman", "noise_ssim", "shift_spearman", "shift_ssim")},
-            "max_sensitivity": _mean_of(rows, "max_sensitivity")}
+    keys = ("noise_spearman", "noise_ssim", "shift_spearman", "shift_ssim", "unrelated_spearman")
+    diffs = [r.noise_spearman - r.unrelated_spearman for r in rows]
+    return {**{k: _mean_of(rows, k) for k in keys}, "max_sensitivity": _mean_of(rows, "max_sensitivity"),
+            "stability_verdict": verdicts.judge(diffs, "stability", seed=cfg.seed).as_dict()}
 
 
 @register_check("stability", summarise=_stability_summary)
 def stability_check(b: Batch, cfg: AuditConfig) -> list[StabilityRow]:
-    """Stability under small noise and a 3-pixel shift; max-sensitivity (Yeh et al. 2019) on the first batch."""
+    """Stability under small noise and a 3-pixel shift; max-sensitivity (Yeh et al. 2019) on the first batch.
+    Its chance level: the Spearman correlation of the map with the map of the next image in the batch (a map
+    that looks the same on every image is stable without telling anything)."""
     from saliencylab.metrics.stability import max_sensitivity, stability
 
     rows = []
+    n = len(b.x)
     for name, fn in b.fns.items():
+        m = b.maps[name].numpy()
+        unrelated = [_spearman(m[i], m[(i + 1) % n]) if n > 1 else math.nan for i in range(n)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             st = stability(b.model, b.x, b.targets, fn, maps=b.maps[name], seed=cfg.seed)
             sens = (max_sensitivity(b.model, b.x, b.targets, fn, n_samples=4, seed=cfg.seed, maps=b.maps[name])
                     .tolist() if b.offset == 0 else [None] * len(b.x))
         rows += [StabilityRow(f, name, s["noise_spearman"], s["noise_ssim"], s["shift_spearman"], s["shift_ssim"],
-                              None if v is None else float(v)) for f, s, v in zip(b.files, st, sens, strict=True)]
+                              None if v is None else float(v), u)
+                 for f, s, v, u in zip(b.files, st, sens, unrelated, strict=True)]
     return rows
 
 
@@ -371,7 +427,14 @@ def _faithfulness_summary(rows: list[FaithfulnessRow], cfg: AuditConfig) -> dict
     for fill in fills:
         out[fill] = {mode: {k: _mean_of([r for r in rows if r.fill == fill and r.mode == mode], k)
                             for k in ("map", "random", "lerf")} for mode in ("deletion", "insertion")}
-    return {"faithfulness": out, "faithfulness_images": len({r.file for r in rows})}
+    # per image, oriented so that positive is better: deletion (lower is better) random - map, insertion map - random
+    gain = {mode: {r.file: (r.random - r.map if mode == "deletion" else r.map - r.random)
+                   for r in rows if r.fill == "blur" and r.mode == mode} for mode in ("deletion", "insertion")}
+    both = [(gain["deletion"][f] + gain["insertion"][f]) / 2 for f in gain["deletion"] if f in gain["insertion"]]
+    return {"faithfulness": out, "faithfulness_images": len({r.file for r in rows}),
+            "deletion_verdict": verdicts.judge(list(gain["deletion"].values()), "deletion", seed=cfg.seed).as_dict(),
+            "insertion_verdict": verdicts.judge(list(gain["insertion"].values()), "insertion", seed=cfg.seed).as_dict(),
+            "faithfulness_verdict": verdicts.judge(both, "faithfulness", seed=cfg.seed).as_dict()}
 
 
 @register_check("faithfulness", summarise=_faithfulness_summary)
@@ -878,7 +941,7 @@ def _stream(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[s
     uses = {s.name: s.uses_model for s in specs}
     rows: dict[str, list[Any]] = {"__images__": []}
     timings: dict[str, float] = {}
-    thumbs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, str, float]] = []
+    thumbs: list[Thumb] = []
     unreadable: list[tuple[str, str]] = []
     src_size = _source_size(subject)
     phantom = _phantom_settings(subject.root) if subject.meta else {}
@@ -886,7 +949,9 @@ def _stream(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[s
     def tick(key: str, t: float) -> None:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
 
-    bar = tqdm(total=len(subject.records), unit="img", desc="audit", leave=False,
+    # one step per image for each method's maps and each check: the bar moves as each stage finishes a batch
+    per_image = len(specs) + len(active)
+    bar = tqdm(total=len(subject.records) * per_image, unit="step", desc="audit", leave=False,
                disable=None if progress is None else not progress)
     offset = 0
     try:
@@ -894,7 +959,7 @@ def _stream(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[s
             t = time.perf_counter()
             x, recs, bad = load_batch(subject, subject.records[lo:lo + batch_size])
             unreadable += bad
-            bar.update(len(recs) + len(bad))
+            bar.update(len(bad) * per_image)
             if not recs:
                 continue
             if offset == 0:
@@ -903,21 +968,18 @@ def _stream(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[s
             batch = _context(subject, recs, x, offset, model, fns, uses, others, src_size, phantom)
             tick("load", t)
             t = time.perf_counter()
-            batch = _with_maps(batch, timings)
+            batch = _with_maps(batch, timings, bar)
             for check in active:
+                bar.set_description(f"audit: {check.name}")
                 t = time.perf_counter()
                 rows.setdefault(check.name, []).extend(check.run(batch, cfg))
                 tick(check.name, t)
+                bar.update(len(recs))
             shown = batch.probs[:, 1] if batch.probs.shape[1] == 2 else batch.probs.max(1)  # as PredictionRow
             rows["__images__"] += [PredictionRow(r.file, -1 if batch.labels is None else int(batch.labels[i]),
                                                  int(batch.probs[i].argmax()), float(shown[i]))
                                    for i, r in enumerate(recs)]
-            first = specs[0].name
-            for row in rows.get("lungs", [])[-len(recs) * len(specs):]:
-                if row.method == first and row.mass < 0.5 and len(thumbs) < 8:
-                    i = batch.files.index(row.file)
-                    thumbs.append((_display(batch.x[i]), batch.maps[first][i].numpy(), batch.lungs[i], row.file,
-                                   float(batch.probs[i, int(batch.targets[i])])))
+            thumbs = _most_telling(thumbs, batch, rows.get("flags", [])[-len(recs) * len(specs):], subject.classes)
             offset += len(recs)
     finally:
         bar.close()
@@ -943,15 +1005,64 @@ def _context(subject: Subject, recs: list[Record], x: torch.Tensor, offset: int,
                  others, phantoms)
 
 
-def _with_maps(b: Batch, timings: dict[str, float]) -> Batch:
+def _with_maps(b: Batch, timings: dict[str, float], bar: Any = None) -> Batch:
     from dataclasses import replace
 
     maps = {}
     for name, fn in b.fns.items():
+        if bar is not None:
+            bar.set_description(f"audit: {name} maps")
         t = time.perf_counter()
         maps[name] = fn(b.model, b.x, b.targets).detach().float().cpu()
         timings[f"maps: {name}"] = timings.get(f"maps: {name}", 0.0) + time.perf_counter() - t
+        if bar is not None:
+            bar.update(len(b.x))
     return replace(b, maps=maps)
+
+
+@dataclass(frozen=True)
+class Thumb:
+    """One flagged image for flagged.png: image (H, W[, 3]) in [0, 1], the map that flags it, its masks."""
+
+    score: float
+    image: np.ndarray
+    saliency: np.ndarray
+    lungs: np.ndarray | None
+    marker: np.ndarray | None
+    file: str
+    method: str
+    reasons: str
+    caption: str
+
+
+def _most_telling(kept: list[Thumb], b: Batch, flag_rows: list[Any], classes: Sequence[str],
+                  k: int = 6) -> list[Thumb]:
+    """The `k` flagged images with the largest excess over chance so far, one per image (its most telling
+    method)."""
+    best: dict[str, Any] = {}
+    for r in flag_rows:
+        if r.reasons and (r.file not in best or r.score > best[r.file].score):
+            best[r.file] = r
+    seen = {t.file for t in kept}
+    for f, r in best.items():
+        if f in seen:
+            continue
+        i = b.files.index(f)
+        label = "" if b.labels is None else f"label {classes[int(b.labels[i])]}, "
+        if b.probs.shape[1] == 2:  # the positive class's probability, as Figure 3
+            pred = f"predicted {float(b.probs[i, 1]):.2f}"
+        else:
+            top = int(b.probs[i].argmax())
+            pred = f"predicted {classes[top] if top < len(classes) else top} {float(b.probs[i, top]):.2f}"
+        if "marker" in r.reasons:
+            share = float(b.markers[i].mean())
+            what = f"{100 * (r.marker_excess + share):.0f}% on marker (area {100 * share:.0f}%)"
+        else:
+            share = float(b.lungs[i].mean())
+            what = f"{100 * (share - r.lung_deficit):.0f}% in lungs (area {100 * share:.0f}%)"
+        kept.append(Thumb(r.score, _display(b.x[i]), b.maps[r.method][i].numpy(), b.lungs[i], b.markers[i], f,
+                          r.method, r.reasons, f"{label}{pred}\n{r.method}: {what}"))
+    return sorted(kept, key=lambda t: -t.score)[:k]
 
 
 def _call(spec: MethodSpec, opts: dict[str, Any], model: nn.Module, x: torch.Tensor,
@@ -1043,6 +1154,10 @@ def aggregate(subject: Subject, specs: list[MethodSpec], cfg: AuditConfig, activ
             top[check.section].update(check.summarise(got, cfg))
         else:
             top.update(check.summarise(got, cfg))
+    for m in methods.values():  # each check's verdict under one key: faithfulness, lungs, marker, stability, ...
+        m["verdicts"] = {k.removesuffix("_verdict"): m.pop(k) for k in list(m) if k.endswith("_verdict")}
+    top["flags"] = {"images": len({f for m in methods.values() for f in m.get("flagged") or []}),
+                    "by_method": {name: len(m.get("flagged") or []) for name, m in methods.items()}}
     return {"kind": subject.kind, **{k: subject.origin.get(k) for k in ("run", "explain", "model", "weights")},
             "data": subject.origin.get("data"), "masks": subject.origin.get("masks"), "classes": list(subject.classes),
             "scope": subject.scope, "images": images, "unreadable": len(unreadable),
@@ -1061,12 +1176,20 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
                          f"{100 * s['lung_share']:.0f}%)")
         if "marker" in result["checks"]:
             parts.append(f"marker {100 * s['marker_mass']:.1f}% (its share {100 * s['marker_share']:.1f}%)")
-        f = s["faithfulness"]["blur"]["deletion"]
-        parts.append(f"deletion AUC {f['map']:.3f} vs random {f['random']:.3f}")
+        f = s["faithfulness"]["blur"]
+        v = s["verdicts"]
+        parts.append(f"deletion {f['deletion']['map']:.3f} (lower is better; random {f['deletion']['random']:.3f}), "
+                     f"insertion {f['insertion']['map']:.3f} (higher is better; random {f['insertion']['random']:.3f})"
+                     f": {v['faithfulness']['verdict']}")
+        if "stability" in result["checks"]:
+            parts.append(f"stability: {v['stability']['verdict']}")
         sanity_ = s["sanity"]
         parts.append("sanity " + ("n/a" if not sanity_ or sanity_["passed"] is None else
                                   "passed" if sanity_["passed"] else "failed"))
+        if "flags" in result["checks"]:
+            parts.append(f"{len(s['flagged'])} images flagged")
         lines.append(f"{name}: " + ", ".join(parts))
+    lines += [f"warning: {w}" for w in verdicts.failing(result["methods"])]
     p = result["probes"]
     if p.get("lungs_blacked_out"):
         b = p["lungs_blacked_out"]
@@ -1097,19 +1220,19 @@ def image_rows(rows: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
         check = CHECKS.get(name)
         if check is None or not check.per_method or not got or not hasattr(got[0], "file"):
             continue
-        if name not in ("lungs", "lesions", "border", "marker", "stability", "complexity"):
+        if name not in ("lungs", "lesions", "border", "marker", "stability", "complexity", "flags"):
             continue  # not every image / kept in the summary
         for r in got:
             p = preds[r.file]
             row = merged.setdefault((r.file, r.method), {"file": r.file, "label": p.label,
                                                           "probability": round(p.probability, 6), "method": r.method})
-            prefix = {"lungs": "lung_", "lesions": "lesion_"}.get(name, "")
+            prefix = {"lungs": "lung_", "lesions": "lesion_", "flags": "flag_"}.get(name, "")
             row.update({prefix + f.name: getattr(r, f.name) for f in fields(r)
                         if f.name not in ("file", "method", "region")})
     return list(merged.values())
 
 
-def write_outputs(out: Path, result: Mapping[str, Any], rows: Mapping[str, list[Any]], thumbs: list,
+def write_outputs(out: Path, result: Mapping[str, Any], rows: Mapping[str, list[Any]], thumbs: list[Thumb],
                   first: str) -> None:
     """audit.json, audit_images.csv, flagged.csv, unreadable.json and the figures."""
     out.mkdir(parents=True, exist_ok=True)
@@ -1124,57 +1247,83 @@ def write_outputs(out: Path, result: Mapping[str, Any], rows: Mapping[str, list[
         write_text(out / "audit_images.csv", buf.getvalue())
     s = result["methods"]
     flagged = sorted({f for m in s.values() for f in (m.get("flagged") or [])})
-    write_text(out / "flagged.csv", "file,methods\n" + "".join(
-        f"{f},{' '.join(n for n, m in s.items() if f in (m.get('flagged') or []))}\n" for f in flagged))
+    write_text(out / "flagged.csv", "file,methods,reasons\n" + "".join(
+        f"{f},{' '.join(n for n, m in s.items() if f in (m.get('flagged') or []))},"
+        f"{' / '.join(sorted({m['flag_reasons'][f] for m in s.values() if f in (m.get('flag_reasons') or {})}))}\n"
+        for f in flagged))
     _figures(out, result, thumbs, first)
 
 
-def _figures(out: Path, result: Mapping[str, Any], thumbs: list, first: str) -> None:
+# figures are drawn at 100 dpi no wider than 8.6 in, so a 900 px window shows them unscaled with text of >= 9 pt
+FIGURE_FONT = {"font.size": 10, "legend.fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9,
+               "axes.titlesize": 11, "axes.labelsize": 10}
+MAX_FIGURE_INCHES = 8.6
+
+
+def _figures(out: Path, result: Mapping[str, Any], thumbs: list[Thumb], first: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["methods"]
+    names = list(s)
+    with plt.rc_context(FIGURE_FONT):
+        if "lungs" in result["checks"]:
+            fig, ax = plt.subplots(figsize=(min(MAX_FIGURE_INCHES, 1.4 * len(names) + 2.6), 3.6))
+            pos = np.arange(len(names))
+            ax.bar(pos - 0.2, [s[n]["lung_mass"] for n in names], 0.4, label="saliency inside the lungs")
+            ax.bar(pos + 0.2, [s[n]["lung_share"] for n in names], 0.4, label="lungs' share of the image (chance)")
+            ax.set_xticks(pos, [n.replace("_", "\n") for n in names])
+            ax.set_ylim(0, 1.25)
+            ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+            ax.legend(loc="upper center", ncols=2, frameon=False)
+            ax.set_title("localisation against anatomy")
+            save_figure(fig, out / "localisation.png")
+
+        if any(s[n]["sanity"] for n in names):
+            fig, ax = plt.subplots(figsize=(6.4, 3.8))
+            for n in names:
+                steps = s[n]["sanity"]["steps"] if s[n]["sanity"] else []
+                ax.plot(range(1, len(steps) + 1), [st["ssim"] for st in steps], "o-", label=n)
+            base = [s[n]["sanity"]["baseline"]["ssim"] for n in names if s[n]["sanity"]]
+            if base and np.isfinite(base).any():
+                ax.axhline(float(np.nanmean(base)), color="gray", ls="--", label="unrelated images")
+            ax.set(xlabel="layers randomised (from the output down)", ylabel="SSIM to the original map",
+                   title="cascading randomisation")
+            ax.legend()
+            save_figure(fig, out / "sanity.png")
+
+        (out / "flagged.png").unlink(missing_ok=True)  # a previous audit's figure must not outlive its flags
+        if thumbs:
+            flagged_figure(thumbs, out / "flagged.png")
+
+
+def flagged_figure(thumbs: Sequence[Thumb], path: Path, *, columns: int = 3) -> None:
+    """The most telling flagged images (at most 2 rows of `columns`), lungs outlined in green and the marker's
+    box in red; each title says the label, the prediction and what flags the image."""
     import matplotlib.pyplot as plt
     from skimage.segmentation import find_boundaries
 
     from saliencylab.render import normalise, overlay
 
-    s = result["methods"]
-    names = list(s)
-    if "lungs" in result["checks"]:
-        fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.4))
-        pos = np.arange(len(names))
-        ax.bar(pos - 0.2, [s[n]["lung_mass"] for n in names], 0.4, label="saliency inside the lungs")
-        ax.bar(pos + 0.2, [s[n]["lung_share"] for n in names], 0.4, label="lungs' share of the image (chance)")
-        ax.set_xticks(pos, names)
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
-        ax.set_title("localisation against anatomy")
-        save_figure(fig, out / "localisation.png")
-
-    if any(s[n]["sanity"] for n in names):
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        for n in names:
-            steps = s[n]["sanity"]["steps"] if s[n]["sanity"] else []
-            ax.plot(range(1, len(steps) + 1), [st["ssim"] for st in steps], "o-", label=n)
-        base = [s[n]["sanity"]["baseline"]["ssim"] for n in names if s[n]["sanity"]]
-        if base and np.isfinite(base).any():
-            ax.axhline(float(np.nanmean(base)), color="gray", ls="--", label="unrelated images")
-        ax.set(xlabel="layers randomised (from the output down)", ylabel="SSIM to the original map",
-               title="cascading randomisation")
-        ax.legend(fontsize=8)
-        save_figure(fig, out / "sanity.png")
-
-    if thumbs:
-        fig, axes = plt.subplots(1, len(thumbs), figsize=(2.2 * len(thumbs), 2.6), squeeze=False)
-        for ax, (img, m, lung, file, p) in zip(axes[0], thumbs, strict=True):
-            rgb = overlay(img.astype(np.float32), normalise(np.abs(m), "percentile"))
-            if lung is not None:
-                rgb[find_boundaries(lung)] = (0, 255, 0)
-            ax.imshow(rgb)
-            ax.set_title(f"{Path(file).name}\np={p:.2f}", fontsize=7)
-            ax.axis("off")
-        fig.suptitle(f"flagged: most {first} saliency outside the lungs", fontsize=9)
-        save_figure(fig, out / "flagged.png")
+    cols = min(columns, len(thumbs))
+    rows = math.ceil(len(thumbs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(2.8 * cols, 5.6), 3.2 * rows + 0.4), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, t in zip(axes.flat, thumbs, strict=False):
+        rgb = overlay(t.image.astype(np.float32), normalise(np.abs(t.saliency), "percentile"))
+        if t.lungs is not None:
+            rgb[find_boundaries(t.lungs)] = (0, 255, 0)
+        if t.marker is not None and "marker" in t.reasons:
+            rgb[find_boundaries(t.marker)] = (255, 40, 40)
+        ax.imshow(rgb)
+        ax.set_title(f"{Path(t.file).name}\n{t.caption}", fontsize=9)
+    fig.suptitle("Flagged: saliency on the marker (red box) or outside\nthe lungs (green outline) beyond chance",
+                 fontsize=10)
+    save_figure(fig, path, tight=False)
 
 
 def as_rows(rows: Sequence[Any]) -> list[dict[str, Any]]:

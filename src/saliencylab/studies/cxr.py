@@ -214,7 +214,7 @@ def figure_3(subject: Subject, records: list[Record], probs: np.ndarray, out: Pa
         contour = find_boundaries(lung) if lung is not None else None
         name = subject.classes[rec.label]
         axes[r, 0].imshow(img, cmap="gray")
-        axes[r, 0].set_title(f"{Path(rec.file).name}\n{name}, p={probs[i]:.3f}", fontsize=8)
+        axes[r, 0].set_title(f"{Path(rec.file).name}\nlabel {name}, predicted {probs[i]:.2f}", fontsize=9)
         for c, s in enumerate(specs, start=1):
             shown = normalise(smooth(np.abs(maps[s.name][r]), 0.01 * img.shape[0]), s.display)
             rgb = overlay(img, shown)
@@ -228,8 +228,11 @@ def figure_3(subject: Subject, records: list[Record], probs: np.ndarray, out: Pa
             ax.set_yticks([])
         info.append({"file": rec.file, "label": int(rec.label), "probability": float(probs[i]),
                      "explained": clf.class_names[int(target[r])]})
-    fig.suptitle("Saliency for test images predicted near 0 (top) and near 1 (bottom); green: lung mask",
-                 fontsize=10)
+    import textwrap
+
+    title = (f"Test images predicted near 0 (top) and near 1 (bottom); label: the true class, predicted: the "
+             f"model's probability of {subject.classes[1]}; green: lung mask")
+    fig.suptitle(textwrap.fill(title, int(12 * 2.3 * (len(specs) + 1))), fontsize=10)
     save_figure(fig, out / "figure3.png")
     return {"images": info, "methods": [s.name for s in specs], "png": "figure3.png"}
 
