@@ -43,6 +43,9 @@ def test_classify_default_photos_table_and_json(tmp_path):
 
 
 def test_explain_writes_maps_in_the_image_grid(tmp_path):
+    from saliencylab.ops import resize
+    from saliencylab.studies.streaming import load_map
+
     img = _image(tmp_path / "photo.png", (48, 64, 3))
     gray = _image(tmp_path / "xray.png", (40, 30), seed=1)
     out = tmp_path / "out"
@@ -55,8 +58,11 @@ def test_explain_writes_maps_in_the_image_grid(tmp_path):
     for rec, size in zip(results["images"], [(48, 64), (40, 30)], strict=True):
         assert rec["size"] == list(size) and rec["target"]["index"] == 3
         for method in ["vanilla", "integrated_gradients", "gradcam", "spectral_residual"]:
-            raw = np.load(out / rec["maps"][method]["npy"])
-            assert raw.dtype == np.float32 and raw.shape == size and np.isfinite(raw).all()
+            raw = np.load(out / rec["maps"][method]["npy"])  # at the model's resolution (issue 14: 222 MB)
+            assert raw.dtype == np.float32 and raw.shape == (224, 224) and np.isfinite(raw).all()
+            full = load_map(out / rec["name"], method)  # on the image's grid
+            assert full.shape == size
+            np.testing.assert_array_equal(full, resize(torch.from_numpy(raw)[None, None], size)[0, 0].numpy())
             png = np.asarray(Image.open(out / rec["maps"][method]["png"]))
             assert png.shape == (*size, 3)
         assert "ig_completeness_error" in rec

@@ -199,10 +199,28 @@ def explain(
     std: str = typer.Option(None, "--std", help=STD_HELP),
     classes: str = typer.Option(None, "--classes", help=CLASSES_HELP),
     classes_file: Path = typer.Option(None, "--classes-file", help=CLASSES_FILE_HELP),
+    outputs: str = typer.Option("npy,png", "--outputs",
+                                help="npy,png (maps and overlays), npy (maps only) or hdf5 (one store per shard; "
+                                     "pip install saliencylab[hdf5])"),
+    map_dtype: str = typer.Option("float32", "--map-dtype", help="float32 or float16 for the stored maps"),
+    shard_size: int = typer.Option(64, "--shard-size", min=1,
+                                   help="images per shard: the unit of resuming and of work per torchrun process"),
+    workers: int = typer.Option(2, "--workers", min=0,
+                                help="threads that decode, draw and write beside the model (0: none)"),
+    grid: int = typer.Option(8, "--grid", min=0, help="images shown in figure.png (a spread sample of the run)"),
+    force: bool = typer.Option(False, "--force", help="replace --out's contents when it holds another run"),
+    resume: bool = typer.Option(False, "--resume",
+                                help="continue the job in --out (re-running the same command does the same; "
+                                     "this flag refuses a folder with nothing to resume)"),
 ) -> None:
-    """Draw saliency maps over images: overlays (PNG), raw maps (.npy), a figure grid and results.json."""
+    """Draw saliency maps over images: raw maps (.npy), overlays (PNG), a figure grid and results.json.
+
+    A resumable job: each image is written as it finishes; run the same command again to finish a killed
+    run (only missing or changed maps are computed). Runs unchanged under torchrun (one process per GPU).
+    """
     from saliencylab.data import expand_inputs
     from saliencylab.data.images import parse_frame
+    from saliencylab.dist import local_device
     from saliencylab.fsutil import check_output_dir
     from saliencylab.methods import parse_methods
     from saliencylab.methods.convergence import ConvergenceRule
@@ -212,7 +230,11 @@ def explain(
     from saliencylab.render.maps import NORMALISE_MODES
     from saliencylab.studies.photos import DisplaySettings
     from saliencylab.studies.photos import explain as run
+    from saliencylab.studies.streaming import StreamConfig
 
+    stream = StreamConfig(shard_size=shard_size, outputs=outputs.replace(" ", ""), map_dtype=map_dtype,
+                          workers=workers, grid=grid, force=force, resume=resume)
+    stream.check()
     precision = check_precision(precision)
     if normalise not in ("auto", *NORMALISE_MODES):
         raise UserError(f"--normalise {normalise}: use auto or one of {', '.join(NORMALISE_MODES)}")
@@ -228,23 +250,36 @@ def explain(
     check_output_dir(out, "--out", beside=True)
     sources = expand_inputs(inputs or [], frame=parse_frame(frame))
     model_kwargs = preprocessing_kwargs(input_size, channels, mean, std, classes, classes_file)
-    clf = load_model(model, weights=weights, device=device, **model_kwargs)
+    clf = load_model(model, weights=weights, device=str(local_device(device)), **model_kwargs)
     if methods.strip() == "all":  # every method that applies to this model (rollout needs a transformer, ...)
         specs = [s for s in specs if clf.supports(s.family)]
     display = DisplaySettings(sign=sign, smooth=smooth, normalise=normalise, alpha=alpha, cmap=cmap)
     result = run(clf, sources, specs, out, options=options, target=target, batch_size=batch_size,
-                 display=display, skip_bad=skip_bad, progress=progress,
+                 display=display, skip_bad=skip_bad, progress=progress, stream=stream,
                  command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]),
                  model_args={"model": model, "weights": weights, **model_kwargs}, precision=precision,
                  convergence=ConvergenceRule(tolerance=tolerance, adapt=adapt))
-    for source, reason in result.skipped:
+    from saliencylab.dist import world
+
+    if not world().main:  # under torchrun rank 0 speaks for the job
+        return
+    for source, reason in result.skipped[:20]:
         typer.echo(f"skipped {source}: {reason}", err=True)
-    for line in result.warnings:
+    if len(result.skipped) > 20:
+        typer.echo(f"... and {len(result.skipped) - 20} more skipped (see results.json)", err=True)
+    for line in result.warnings[:20]:
         typer.echo(f"warning: {line}", err=True)
+    if result.n_warnings > 20:
+        typer.echo(f"... and {result.n_warnings - 20} more convergence warnings (see results.json)", err=True)
     for rec in result.images:
         t = rec["target"]
         typer.echo(f"{rec['source']}: {t['class']} ({100 * t['probability']:.1f}%) -> {out / rec['name']}/")
-    per = ", ".join(f"{k} {v / max(1, len(result.images)):.2f}s" for k, v in result.seconds.items())
+    if result.n_images > len(result.images):
+        typer.echo(f"figure.png shows {len(result.images)} of {result.n_images} images (--grid N to change); "
+                   "results.json lists all of them")
+    if result.reused:
+        typer.echo(f"resumed: {result.computed} maps written, {result.reused} kept from the earlier run")
+    per = ", ".join(f"{k} {v / max(1, result.n_images):.2f}s" for k, v in result.seconds.items())
     typer.echo(f"seconds per image: {per}")
     typer.echo(f"wrote {out / 'figure.png'} and {out / 'results.json'}")
 

@@ -59,7 +59,7 @@ class Checked:
 
     Attributes:
         map: [B, *spatial], as `spec.fn` returns it (IG: at the steps used per image).
-        per_image: one dict per image (empty for methods without a check).
+        per_image: one dict per image (empty for methods without a check); 'warning' holds the image's line.
         warnings: one line each: the image, what is not converged, the fix.
     """
 
@@ -174,6 +174,7 @@ def _integrated_gradients(spec: MethodSpec, model: nn.Module, x: torch.Tensor, t
             lines.append(f"{names[i]}: integrated_gradients completeness error is {s:.0%} of the logit gap "
                          f"after {steps[i]} steps (tolerance {rule.tolerance:.0%}); "
                          f"try --set integrated_gradients.n_steps={more}{how}")
+            records[-1]["warning"] = lines[-1]
     return Checked(maps, records, lines)
 
 
@@ -217,6 +218,7 @@ def _split_half(spec: MethodSpec, model: nn.Module, x: torch.Tensor, target: tor
             lines.append(f"{names[i]}: {spec.name} map still moves between the two halves of its {n} samples "
                          f"(split-half Spearman {r:.2f}, estimated run-to-run agreement {shown} < {wanted:.2f}); "
                          f"try --set {spec.name}.{count}={samples_for(n, agree, wanted)}")
+            records[-1]["warning"] = lines[-1]
     return Checked(full, records, lines)
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,11 @@ import torch
 
 from saliencylab.data.images import LoadedImage, iter_images
 from saliencylab.errors import UserError
-from saliencylab.fsutil import staged_dir, write_json, write_npy, write_png
-from saliencylab.methods import MethodSpec, resolve_target
+from saliencylab.methods import MethodSpec
 from saliencylab.methods.convergence import ConvergenceRule, checked_map
 from saliencylab.models.registry import Classifier
-from saliencylab.ops import resize
-from saliencylab.render import GridRow, normalise, overlay, saliency_grid, smooth, to_uint8
+from saliencylab.render import normalise, smooth
+from saliencylab.studies.streaming import StreamConfig
 
 
 def batched(images: Iterator[LoadedImage], size: int) -> Iterator[list[LoadedImage]]:
@@ -105,52 +103,70 @@ class DisplaySettings:
 
 @dataclass
 class ExplainResult:
-    """What `explain` wrote, for the caller to print."""
+    """What `explain` wrote, for the caller to print.
+
+    Attributes:
+        images: a sample of the image records (those in figure.png); results.json lists all of them.
+        n_images: how many images the run holds; computed/reused: maps computed now / kept from before.
+    """
 
     out: Path
     images: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    n_images: int = 0
+    computed: int = 0
+    reused: int = 0
+    grid: int = 0
+    removed: int = 0
+    warnings: list[str] = field(default_factory=list)  # convergence warnings (the first 50)
+    n_warnings: int = 0
 
 
-def _safe_name(name: str, taken: set[str]) -> str:
-    base = re.sub(r"[^\w.-]+", "_", name).strip("._") or "image"
-    out, i = base, 2
-    while out in taken:
-        out, i = f"{base}_{i}", i + 1
-    taken.add(out)
-    return out
+def run_method(clf: Classifier, spec: MethodSpec, x: torch.Tensor, target: torch.Tensor, opts: dict[str, Any],
+               rule: ConvergenceRule = ConvergenceRule(), names: Sequence[str] | None = None,
+               ) -> tuple[torch.Tensor, float, dict[str, list[Any]], dict[str, Any] | None]:
+    """One method on one batch, with its convergence check (`methods.convergence.checked_map`).
 
+    Returns the raw map [B, H, W], its seconds, per-image extras ('convergence': one record per image, with
+    'warning' where the map is not converged; IG's 'ig_completeness_error') and the pass sizes the sampling
+    methods chose (`describe_passes`, None for other methods).
+    """
+    from saliencylab.methods._common import describe_passes, record_passes
 
-def _thumbnail(a: np.ndarray, longest: int = 320) -> np.ndarray:
-    h, w = a.shape[:2]
-    if max(h, w) <= longest:
-        return a
-    size = (max(1, round(h * longest / max(h, w))), max(1, round(w * longest / max(h, w))))
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
-    t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    return (t[0] if a.ndim == 2 else t.permute(1, 2, 0)).numpy()
+    t0 = time.perf_counter()
+    with record_passes() as passes:
+        checked = checked_map(spec, clf.module, x, target, opts, rule, names=names)
+    if clf.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    extras: dict[str, list[Any]] = {}
+    if checked.per_image:
+        extras["convergence"] = checked.per_image
+    if spec.name == "integrated_gradients":
+        extras["ig_completeness_error"] = [r["completeness_error"] for r in checked.per_image]
+    return checked.map, seconds, extras, describe_passes(passes)
 
 
 def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpec], out: str | Path, *,
             options: dict[str, dict[str, Any]] | None = None, target: str = "predicted", top: int = 5,
             batch_size: int = 4, display: DisplaySettings = DisplaySettings(), grid_rows: int = 8,
             skip_bad: bool = False, progress: bool | None = None, command: str = "",
-            model_args: dict[str, Any] | None = None, precision: str = "fp32",
-            convergence: ConvergenceRule = ConvergenceRule()) -> ExplainResult:
-    """Run each method on each image; write overlays, raw maps, a figure grid and results.json under `out`.
+            model_args: dict[str, Any] | None = None, stream: StreamConfig | None = None,
+            precision: str = "fp32", convergence: ConvergenceRule = ConvergenceRule()) -> ExplainResult:
+    """Run each method on each image; write raw maps, overlays, a figure grid and results.json under `out`.
 
-    Outputs are staged and moved into `out` only when every image succeeded (or was skipped with
-    `skip_bad`), so a failed run leaves no partial files.
+    A resumable job (see `saliencylab.studies.streaming`): each image's outputs are written atomically as it
+    finishes and recorded in a per-shard manifest; running again skips what is done, and under torchrun
+    every rank takes its own shards. A run of at most one shard that fails leaves no output.
 
     Args:
         options: per-method keyword options, e.g. {'smoothgrad': {'n_samples': 32}}.
         target: see `resolve_target` ('predicted', an index, a class name, 'positive'/'negative').
         batch_size: images per batch (sampling methods chunk further by their own batch_size).
-        grid_rows: at most this many images go into figure.png (all get their own files).
+        grid_rows: at most this many images go into figure.png (all get their own files); `stream.grid` wins.
         model_args: how the model was loaded ({'model': ..., 'weights': ...}), so `audit` can reload it.
+        stream: shards, output formats, workers, --force/--resume (default: StreamConfig(grid=grid_rows)).
         precision: 'fp32', 'tf32' or 'bf16' for every model call (see `saliencylab.precision`).
         convergence: the convergence rule (IG steps adapted per image, half-split checks for SmoothGrad and
             RISE); per-image records go into results.json under 'convergence', warnings into the result.
@@ -158,100 +174,18 @@ def explain(clf: Classifier, sources: Sequence[str], methods: Sequence[MethodSpe
     results.json records the device, the precision and, per sampling method, the pass size it used
     ('passes': {'rule', 'samples_per_pass'}, from `methods._common.record_passes`).
     """
-    from tqdm import tqdm
-
-    from saliencylab.methods._common import describe_passes, record_passes
-    from saliencylab.precision import precision as run_at
+    from saliencylab.studies.streaming import explain_stream
 
     options = options or {}
-    pass_log: dict[str, list[Any]] = {m.name: [] for m in methods}
-    result = ExplainResult(out=Path(out))
-    seconds = dict.fromkeys((m.name for m in methods), 0.0)
-    grid: list[GridRow] = []
-    taken: set[str] = set()
-    records: list[dict[str, Any]] = []
-    disable = None if progress is None else not progress  # None: show only on a terminal
-    with staged_dir(out) as stage, tqdm(total=len(sources) * len(methods), unit="map", disable=disable,
-                                         desc="explain") as bar, run_at(precision, clf.device) as precision:
-        stream = iter_images(sources, skip_bad=skip_bad, skipped=result.skipped)
-        for batch in batched(stream, batch_size):
-            x = torch.stack([clf.preprocess(img.pixels) for img in batch]).to(clf.device)
-            probs = probabilities(clf, x)
-            tops = top_k(clf, probs, top)
-            tgt = resolve_target(clf.module, x, target, clf.class_names)
-            maps: dict[str, np.ndarray] = {}
-            extras: dict[str, list[float]] = {}
-            checks: dict[str, list[dict[str, Any]]] = {}
-            for spec in methods:
-                opts = options.get(spec.name, {})
-                t0 = time.perf_counter()
-                with record_passes() as passes:
-                    checked = checked_map(spec, clf.module, x, tgt, opts, convergence,
-                                          names=[img.source for img in batch])
-                raw = checked.map
-                pass_log[spec.name] += passes
-                if clf.device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds[spec.name] += time.perf_counter() - t0
-                if checked.per_image:
-                    checks[spec.name] = checked.per_image
-                result.warnings += checked.warnings
-                if spec.name == "integrated_gradients":
-                    extras["ig_completeness_error"] = [r["completeness_error"] for r in checked.per_image]
-                maps[spec.name] = raw.detach().float().cpu()
-                bar.update(len(batch))
-            for i, img in enumerate(batch):
-                name = _safe_name(img.name, taken)
-                folder = stage / name
-                write_png(folder / "image.png", to_uint8(img.pixels))
-                row_maps = []
-                record: dict[str, Any] = {
-                    "source": img.source, "name": name, "size": list(img.size), "decoded": img.meta,
-                    "top": tops[i],
-                    "target": {"index": int(tgt[i]), "class": clf.class_names[int(tgt[i])],
-                               "probability": float(probs[i, int(tgt[i])])},
-                    "maps": {},
-                }
-                for key, vals in extras.items():
-                    record[key] = vals[i]
-                record["convergence"] = {m: rows[i] for m, rows in checks.items()}
-                for spec in methods:
-                    full = resize(maps[spec.name][i][None, None], img.size)[0, 0].numpy()  # (H, W) of the original
-                    write_npy(folder / f"{spec.name}.npy", full.astype(np.float32))
-                    shown = display.render(full, spec.display)
-                    write_png(folder / f"{spec.name}.png",
-                              overlay(img.pixels, shown, alpha=display.alpha, cmap=display.cmap))
-                    record["maps"][spec.name] = {"npy": f"{name}/{spec.name}.npy", "png": f"{name}/{spec.name}.png"}
-                    if len(grid) < grid_rows:
-                        row_maps.append(display.render(_thumbnail(full), spec.display))
-                if len(grid) < grid_rows:
-                    t = record["target"]
-                    grid.append(GridRow(_thumbnail(img.pixels), f"{name}\n{t['class']} {100 * t['probability']:.1f}%",
-                                        row_maps))
-                records.append(record)
-        if not records:
-            raise nothing_read(result.skipped)
-        saliency_grid(grid, [m.name for m in methods], stage / "figure.png", alpha=display.alpha, cmap=display.cmap)
-        result.images, result.seconds = records, seconds
-        write_json(stage / "results.json", {
-            "command": command,
-            "model": clf.describe(),
-            "model_args": model_args or {"model": clf.name, "weights": None},
-            "device": str(clf.device),
-            "precision": precision,
-            "target": target,
-            "display": display.__dict__,
-            "methods": {m.name: {"options": {**_defaults(m), **options.get(m.name, {})}, "family": m.family,
-                                 "paper": m.paper, "seconds": round(seconds[m.name], 4),
-                                 "seconds_per_image": round(seconds[m.name] / len(records), 4),
-                                 "passes": describe_passes(pass_log[m.name])}
-                        for m in methods},
-            "images": records,
-            "skipped": [{"source": s, "reason": r} for s, r in result.skipped],
-            "convergence": {"rule": asdict(convergence), "warnings": result.warnings},
-            "figure": "figure.png",
-        })
-    return result
+    stream = stream or StreamConfig(grid=grid_rows)
+    res = explain_stream(clf, list(sources), methods, out, options=options, target=target, top=top,
+                         batch_size=batch_size, display=display, cfg=stream, skip_bad=skip_bad, progress=progress,
+                         command=command, model_args=model_args or {"model": clf.name, "weights": None},
+                         defaults={m.name: {**_defaults(m), **options.get(m.name, {})} for m in methods},
+                         precision=precision, convergence=convergence)
+    return ExplainResult(out=Path(out), images=res.images, seconds=res.seconds, skipped=res.skipped,
+                         n_images=res.n_images, computed=res.computed, reused=res.reused, grid=res.grid,
+                         removed=res.removed, warnings=res.warnings, n_warnings=res.n_warnings)
 
 
 def _defaults(spec: MethodSpec) -> dict[str, Any]:
