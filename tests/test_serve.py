@@ -159,6 +159,7 @@ def test_settings_command_reproduces_the_maps_from_the_cli(tmp_path, photo, monk
     from typer.testing import CliRunner
 
     from saliencylab.cli import app as cli
+    from saliencylab.studies.streaming import load_map
 
     entry = core.ModelEntry("torchvision:resnet18", "random")
     with TestClient(create_app(ServeConfig(models=(entry,), allowed_hosts=HOSTS, device="cpu"))) as c:
@@ -170,7 +171,8 @@ def test_settings_command_reproduces_the_maps_from_the_cli(tmp_path, photo, monk
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     for m, got in server.items():
-        np.testing.assert_allclose(np.load(tmp_path / "out" / "photo" / f"{m}.npy"), got, rtol=0,
+        # the CLI stores maps at the model's resolution; load_map puts them on the image grid, as the server does
+        np.testing.assert_allclose(load_map(tmp_path / "out" / "photo", m), got, rtol=0,
                                    atol=1e-5 * np.abs(got).max())
 
 
