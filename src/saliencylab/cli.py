@@ -212,6 +212,16 @@ def explain(
     resume: bool = typer.Option(False, "--resume",
                                 help="continue the job in --out (re-running the same command does the same; "
                                      "this flag refuses a folder with nothing to resume)"),
+    engine: str = typer.Option("local", "--engine",
+                               help="local (this process, or each torchrun rank) or ray (the shards in a Ray actor "
+                                    "pool; pip install saliencylab[ray])"),
+    actors: int = typer.Option(1, "--actors", min=1, help="with --engine ray: actors in the pool"),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0.0,
+                                         help="with --engine ray: GPUs per actor (1 on GPU nodes; 0 runs on CPUs)"),
+    cpus_per_actor: float = typer.Option(0.5, "--cpus-per-actor", min=0.01,
+                                         help="with --engine ray: CPUs per actor (fractional leaves room for Ray)"),
+    ray_address: str = typer.Option(None, "--ray-address",
+                                    help="with --engine ray: a running cluster ('auto'); default a local Ray"),
 ) -> None:
     """Draw saliency maps over images: raw maps (.npy), overlays (PNG), a figure grid and results.json.
 
@@ -233,7 +243,9 @@ def explain(
     from saliencylab.studies.streaming import StreamConfig
 
     stream = StreamConfig(shard_size=shard_size, outputs=outputs.replace(" ", ""), map_dtype=map_dtype,
-                          workers=workers, grid=grid, force=force, resume=resume)
+                          workers=workers, grid=grid, force=force, resume=resume,
+                          engine=engine, actors=actors, gpus_per_actor=gpus_per_actor,
+                          cpus_per_actor=cpus_per_actor, ray_address=ray_address)
     stream.check()
     precision = check_precision(precision)
     if normalise not in ("auto", *NORMALISE_MODES):
@@ -519,7 +531,7 @@ def _class_list(classes: str | None) -> tuple[str, ...] | None:
 @friendly
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output folder"),
-    quick: bool = typer.Option(False, "--quick", help="fewer, smaller phantoms and fewer samples (about a minute)"),
+    quick: bool = typer.Option(False, "--quick", help="fewer, smaller phantoms and fewer samples (about 2 minutes on 2 cores)"),
     force: bool = typer.Option(False, "--force", help="recompute everything instead of reusing finished stages"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),

@@ -42,11 +42,13 @@ class _ShardActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         ids = [int(i) for i in batch["shard"]]
-        done = []
+        done, computed = [], []
         for i in ids:
             result = self.fn(i)
-            done.append(bool(result.get("skipped", False)) if isinstance(result, dict) else False)
-        return {"shard": ids, "skipped": done}
+            result = result if isinstance(result, dict) else {}
+            done.append(bool(result.get("skipped", False)))
+            computed.append(int(result.get("computed", 0)))
+        return {"shard": ids, "skipped": done, "computed": computed}
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: float | None = None, num_gpus: float | None = None) -> Any:
@@ -69,7 +71,8 @@ def run_shards(shard_ids: Sequence[int], shard_fn: Callable[[int], Any], *, acto
 
     Args:
         shard_ids: the shards to run (all of them: the function skips finished ones).
-        shard_fn: picklable `shard_fn(shard_id) -> dict | None`; a returned {'skipped': True} is counted.
+        shard_fn: picklable `shard_fn(shard_id) -> dict | None`; a returned {'skipped': True} is counted, and
+            so is {'computed': n} (e.g. the maps an explain shard wrote).
         actors: actor pool size (`ActorPoolStrategy(size=actors)`).
         num_gpus_per_actor: GPUs each actor reserves (1 on GPU nodes: one model per GPU).
         cpus_per_actor: CPUs each actor reserves; fractional by default, so that actors do not starve Ray's
@@ -77,7 +80,7 @@ def run_shards(shard_ids: Sequence[int], shard_fn: Callable[[int], Any], *, acto
         address: a running cluster ('auto' or 'ray://...'); None starts a local Ray on 127.0.0.1.
 
     Returns:
-        {'shards': n, 'skipped': k, 'ran': n - k}.
+        {'shards': n, 'skipped': k, 'ran': n - k, 'computed': the sum of the functions' 'computed' counts}.
     """
     if actors < 1:
         raise UserError(f"--actors {actors}: use 1 or more")
@@ -95,4 +98,5 @@ def run_shards(shard_ids: Sequence[int], shard_fn: Callable[[int], Any], *, acto
     skipped = sum(bool(r["skipped"]) for r in rows)
     if sorted(int(r["shard"]) for r in rows) != sorted(ids):
         raise RuntimeError("the Ray engine lost shards: some shard ids came back missing or twice")
-    return {"shards": len(ids), "skipped": skipped, "ran": len(ids) - skipped}
+    return {"shards": len(ids), "skipped": skipped, "ran": len(ids) - skipped,
+            "computed": sum(int(r.get("computed", 0)) for r in rows)}

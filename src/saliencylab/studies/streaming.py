@@ -67,6 +67,8 @@ class StreamConfig:
         force: replace the folder's contents when it holds another job (or anything else).
         resume: the folder must already hold this job (otherwise the same as a fresh run).
         overlay_side: longest side of an overlay PNG in pixels.
+        engine: 'local' (this process, or each torchrun rank) or 'ray' (the shards in a Ray Data actor pool).
+        actors, gpus_per_actor, cpus_per_actor, ray_address: the Ray pool (see `engines.ray_engine.run_shards`).
     """
 
     shard_size: int = 64
@@ -77,6 +79,11 @@ class StreamConfig:
     force: bool = False
     resume: bool = False
     overlay_side: int = 512
+    engine: str = "local"
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 0.5
+    ray_address: str | None = None
 
     def check(self) -> None:
         """Raise a one-line UserError for an option out of range."""
@@ -90,6 +97,10 @@ class StreamConfig:
             raise UserError(f"--workers {self.workers}: use 0 (main thread only) or more")
         if self.outputs == "hdf5":
             require_h5py()
+        if self.engine not in ("local", "ray"):
+            raise UserError(f"--engine {self.engine}: use local or ray")
+        if self.actors < 1 or self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise UserError("--actors must be 1 or more, --gpus-per-actor 0 or more and --cpus-per-actor above 0")
 
 
 def require_h5py() -> Any:
@@ -831,6 +842,60 @@ def _sum_over_ranks(n: int, w: dist.World, device: torch.device) -> int:
     return int(t.item())
 
 
+class ShardRunner:
+    """One explain shard as a picklable function, for engines that run shards in other processes (Ray).
+
+    It carries only plain data (how to load the model, the job, the inputs); `setup()` loads the model once per
+    worker, and `runner(shard)` writes the shard's missing rows exactly as a local run does.
+    """
+
+    def __init__(self, *, model_args: dict[str, Any], device: str, job: Job, methods: Sequence[str], out: Path,
+                 display: Any, skip_bad: bool, sources: Sequence[str], names: Sequence[str], precision: str) -> None:
+        self.model_args, self.device, self.job, self.methods = dict(model_args), device, job, tuple(methods)
+        self.out, self.display, self.skip_bad, self.precision = out, display, skip_bad, precision
+        self.sources, self.names = tuple(sources), tuple(names)
+        self.clf: Classifier | None = None
+
+    def setup(self) -> None:
+        from saliencylab.methods import get_method
+        from saliencylab.models import load_model
+
+        args = dict(self.model_args)
+        self.clf = load_model(args.pop("model"), weights=args.pop("weights", None), device=self.device, **args)
+        self.specs = [get_method(m) for m in self.methods]
+
+    def __call__(self, shard: int) -> dict[str, Any]:
+        from saliencylab.precision import precision as run_at
+
+        if self.clf is None:
+            self.setup()
+        assert self.clf is not None
+        lo, hi = dist.shard_bounds(len(self.sources), self.job.shard_size)[shard]
+        items = [Item(i, self.sources[i], self.names[i], input_hash(self.sources[i])) for i in range(lo, hi)]
+        with run_at(self.precision, self.clf.device):
+            n = run_shard(self.clf, self.job, self.specs, self.out, shard, items, display=self.display,
+                          skip_bad=self.skip_bad, pool=None, tick=lambda _k: None)
+        return {"skipped": n == 0, "computed": n}
+
+
+def _run_on_ray(clf: Classifier, job: Job, specs: Sequence[MethodSpec], out: Path, sources: Sequence[str],
+                names: Sequence[str], *, cfg: StreamConfig, display: Any, skip_bad: bool, precision: str,
+                model_args: dict[str, Any]) -> int:
+    """Every shard in a Ray Data actor pool (`--engine ray`); returns the maps written."""
+    from saliencylab.engines.ray_engine import run_shards
+
+    if not isinstance(model_args.get("model"), str | os.PathLike):
+        raise UserError("--engine ray loads the model in each worker: pass it by name or file (--model), "
+                        "not as a Python object")
+    device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"  # Ray gives each GPU actor its own cuda:0
+    runner = ShardRunner(model_args=model_args, device=device, job=job, methods=[s.name for s in specs], out=out,
+                         display=display, skip_bad=skip_bad, sources=sources, names=names, precision=precision)
+    n_shards = len(dist.shard_bounds(len(sources), job.shard_size))
+    done = run_shards(range(n_shards), runner, actors=cfg.actors, num_gpus_per_actor=cfg.gpus_per_actor,
+                      cpus_per_actor=cfg.cpus_per_actor, address=cfg.ray_address)
+    return int(done["computed"])
+
+
 @dataclass
 class StreamResult:
     """What a streaming explain did, for the caller to print (a sample of images, not all of them)."""
@@ -887,7 +952,13 @@ def explain_stream(clf: Classifier, sources: Sequence[str], specs: Sequence[Meth
         computed = 0
         pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="explain-io") if cfg.workers > 0 else None
         try:
-            with tqdm(total=total, unit="map", disable=disable, desc="explain") as bar, \
+            if cfg.engine == "ray":
+                if w.distributed:
+                    raise UserError("--engine ray starts its own workers: run it without torchrun")
+                computed = _run_on_ray(clf, job, specs, out, sources, names, cfg=cfg, display=display,
+                                       skip_bad=skip_bad, precision=precision, model_args=model_args)
+                mine = []
+            with tqdm(total=total, unit="map", disable=disable if mine else True, desc="explain") as bar, \
                     run_at(precision, clf.device) as used:
                 for s in mine:
                     lo, hi = bounds[s]
