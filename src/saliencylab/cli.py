@@ -531,7 +531,7 @@ def _class_list(classes: str | None) -> tuple[str, ...] | None:
 @friendly
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output folder"),
-    quick: bool = typer.Option(False, "--quick", help="fewer, smaller phantoms and fewer samples (about 2 minutes on 2 cores)"),
+    quick: bool = typer.Option(False, "--quick", help="fewer, smaller phantoms and fewer samples (about 2 minutes)"),
     force: bool = typer.Option(False, "--force", help="recompute everything instead of reusing finished stages"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
