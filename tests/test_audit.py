@@ -221,3 +221,55 @@ def test_explain_targets_are_used(tmp_path):
     x, recs, bad = load_batch(subject, subject.records)
     assert x.shape == (1, 3, 224, 224) and not bad
     assert torch.isfinite(x).all()
+
+
+def test_progress_bar_counts_only_finished_work(cxr_run, cxr_data, tmp_path, monkeypatch):
+    """The bar moves after a stage finishes a batch, never before: when a batch's maps start, it shows exactly
+    the steps of the batches before (issue 14: it sat at 0/16 through a stage, or ran ahead of the work)."""
+    import tqdm as tqdm_module
+
+    import saliencylab.studies.audit as audit_mod
+
+    class Bar:
+        def __init__(self, *a, total=0, **kw):
+            self.total, self.n = total, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, k=1):
+            self.n += k
+
+        def set_description(self, *_a, **_k):
+            pass
+
+        def close(self):
+            pass
+
+    seen: list[tuple[int, int, int, int]] = []  # (bar total, position at the maps' start, after them, images)
+    real = audit_mod._with_maps
+
+    def with_maps(b, timings, bar=None):
+        start = bar.n
+        out = real(b, timings, bar)
+        seen.append((bar.total, start, bar.n, len(b.x)))
+        return out
+
+    monkeypatch.setattr(tqdm_module, "tqdm", Bar)
+    monkeypatch.setattr(audit_mod, "_with_maps", with_maps)
+    res = runner.invoke(app, ["audit", "--model", str(cxr_run / "best.pt"), "--data", str(cxr_data), "--n", "10",
+                              "--methods", "vanilla,gradcam", "--batch-size", "4", "--sanity-images", "2",
+                              "--faithfulness-images", "1", "--no-progress", "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert [n for *_, n in seen] == [4, 4, 2]
+    per_image = seen[0][0] // 10  # two methods' maps and each active check, per image
+    assert per_image > 2
+    done = 0
+    for _total, start, end, n in seen:
+        assert start == done  # nothing counted ahead of the work
+        assert end == start + 2 * n  # the two methods' maps, counted as they finish
+        done += per_image * n  # then the checks on the batch
+    assert done == seen[0][0]
