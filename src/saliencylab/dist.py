@@ -64,21 +64,17 @@ def local_device(requested: str | torch.device, w: World | None = None) -> torch
     """The device for this process: 'cuda' (or 'auto' with CUDA present) becomes cuda:<local_rank>.
 
     One process per GPU: under torchrun each rank takes the GPU of its local rank. 'cpu' stays 'cpu'; an
-    explicit 'cuda:N' is kept as given.
+    explicit 'cuda:N' is kept as given. Names are checked by `devices.choose_device` (one-line errors).
     """
-    w = w or world()
+    from saliencylab.devices import choose_device
+
     if isinstance(requested, torch.device):
         return requested
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
+    device = choose_device(requested)
+    if device.type == "cuda" and device.index is None:
+        w = w or world()
         return torch.device("cuda", w.local_rank % max(1, torch.cuda.device_count()))
-    try:
-        return torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"--device {requested}: use auto, cpu, cuda or cuda:N") from None
+    return device
 
 
 @contextlib.contextmanager
