@@ -17,21 +17,11 @@ import pytest
 from typer.testing import CliRunner
 
 from saliencylab.cli import app
-from test_explain_resume import _files, _model, _phantoms, _rows
+from test_explain_resume import _model, _phantoms, assert_same_files
 
 runner = CliRunner()
 METHODS = ["--methods", "vanilla,integrated_gradients", "--set", "integrated_gradients.n_steps=2"]
 JOB = ["--shard-size", "4", "--batch-size", "2", "--no-progress", "--workers", "0"]
-
-
-def assert_same_files(a_dir: Path, b_dir: Path) -> None:
-    a, b = _files(a_dir), _files(b_dir)
-    assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))[:10]
-    for rel, p in a.items():
-        if rel.endswith((".npy", ".png")) and rel != "figure.png":
-            assert p.read_bytes() == b[rel].read_bytes(), rel
-        elif rel.startswith("manifest/"):
-            assert _rows(p) == _rows(b[rel]), rel
 
 
 @pytest.fixture(scope="module")

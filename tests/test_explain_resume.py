@@ -86,7 +86,7 @@ def _rows(path: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
 
 
-def assert_same_run(got: Path, ref: Path) -> None:
+def assert_same_files(got: Path, ref: Path) -> None:
     """The same files; byte-identical maps and overlays; manifest rows equal but for their timings."""
     a, b = _files(got), _files(ref)
     assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))[:10]
@@ -95,6 +95,11 @@ def assert_same_run(got: Path, ref: Path) -> None:
             assert p.read_bytes() == b[rel].read_bytes(), rel
         elif rel.startswith("manifest/"):
             assert _rows(p) == _rows(b[rel]), rel
+
+
+def assert_same_run(got: Path, ref: Path) -> None:
+    """`assert_same_files`, and the same images and summary in results.json (all of the job's images)."""
+    assert_same_files(got, ref)
     ra, rb = (json.loads((f / "results.json").read_text()) for f in (got, ref))
     assert ra["images"] == rb["images"] and ra["summary"] == rb["summary"]
     assert len(ra["images"]) == N_IMAGES
