@@ -89,8 +89,9 @@ def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Co
         batch_size: most masked images per forward pass (None: chosen, see `_common.passes`).
         seed: fixes the masks. All cells and shifts are drawn up front from a CPU generator seeded with it,
             so the map does not depend on `batch_size`, on the other images of the batch or on the device.
-        sampler: 'iid', 'antithetic' (each mask followed by its mirror: the cells' and shifts' uniforms u
-            replaced by 1 - u, the complement mask when p_keep = 0.5) or 'sobol' (each mask from one
+        sampler: 'iid', 'antithetic' (each mask followed by its mirror: the cells' uniforms u replaced by 1 - u,
+            the same shift; with p_keep = 0.5 the pair's masks sum to 1, so the part of the map that only
+            counts how often a pixel was kept cancels pair by pair) or 'sobol' (each mask from one
             scrambled Sobol point of grid^d + d uniforms: cells kept where u < p_keep, shifts floor(u cell)).
 
     Returns:
@@ -106,7 +107,8 @@ def rise_cells(n_masks: int, grid: int, d: int, cell: list[int], *, p_keep: floa
     """RISE's random cells and shifts, drawn on the CPU: keep [N, 1, grid, ...] (bool), shifts N x d.
 
     'iid' draws all cells, then all shifts, from one generator (the maps of earlier versions); the other
-    samplers draw mask by mask, so mask k is the same whatever `n_masks`.
+    samplers draw mask by mask, so mask k is the same whatever `n_masks`. An antithetic mirror (odd k) takes
+    1 - u for its cells and its partner's shift.
     """
     if sampler == "iid":
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -115,6 +117,8 @@ def rise_cells(n_masks: int, grid: int, d: int, cell: list[int], *, p_keep: floa
     else:
         draws = uniform_draws(sampler, seed, grid ** d + d)
         u = torch.stack([next(draws) for _ in range(n_masks)])  # (N, grid^d + d)
+        if sampler == "antithetic":  # a mirror keeps its partner's shift: with p_keep 0.5 it is the complement
+            u[1::2, grid ** d:] = u[0::2, grid ** d:][: n_masks // 2]
         keep = (u[:, : grid ** d] < p_keep).view((n_masks, 1) + (grid,) * d)
         shifts = (u[:, grid ** d:] * torch.tensor(cell)).long()
     shifts = torch.minimum(shifts, torch.tensor(cell) - 1).tolist()  # (N, d), shift i in [0, cell_i)
