@@ -40,12 +40,14 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def cumulative_maps(method: str, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, n: int, seed: int,
-                    sampler: str, opts: dict[str, Any], first: int = 4) -> dict[int, torch.Tensor]:
-    """{k: map of the first k samples} for k = first, 2 first, 4 first, ..., n; maps [B, *spatial] on the CPU."""
+                    sampler: str, opts: dict[str, Any], first: int = 4,
+                    ends: list[int] | None = None) -> dict[int, torch.Tensor]:
+    """{k: map of the first k samples} for k = first, 2 first, 4 first, ..., n (or the given `ends`, the last
+    one n); maps [B, *spatial] on the CPU."""
     from saliencylab.methods.gradient import smoothgrad_sums
     from saliencylab.methods.perturbation import rise_sums
 
-    ends = [first * 2 ** i for i in range(int(math.log2(n // first)) + 1)]
+    ends = ends or [first * 2 ** i for i in range(int(math.log2(n // first)) + 1)]
     if method == "smoothgrad":
         sums = smoothgrad_sums(model, x, t, n_samples=n, seed=seed, sampler=sampler, parts=ends, **opts)
     else:
@@ -58,29 +60,101 @@ def cumulative_maps(method: str, model: torch.nn.Module, x: torch.Tensor, t: tor
     return out
 
 
+class Recorder(torch.nn.Module):
+    """The wrapped model, keeping every output it returns (in call order) on the CPU."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.outputs = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x)
+        self.outputs.append(y.detach().float().cpu())
+        return y
+
+
+class Constant(torch.nn.Module):
+    """K equal logits whatever the input: RISE's map is then the masks' coverage alone."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], self.k)
+
+
+def rise_diagnostics(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ref: dict[int, torch.Tensor],
+                     logits: torch.Tensor, seed: int, opts: dict[str, Any]) -> dict[str, Any]:
+    """Why a RISE map does (not) converge: how much the target probability moves under the masks.
+
+    RISE's map is sum_n P_n M_n / (N p) = mean(P) coverage / (N p) + sum_n (P_n - mean(P)) M_n / (N p): the
+    first term only counts how often each pixel was kept (noise that does not depend on the model), the
+    second is the signal. With P hardly moving (sd(P) << mean(P)) the first term dominates the map.
+
+    Args:
+        ref: the reference's maps {k masks: [B, *spatial]}; logits: [N, B, K] of the reference's masked copies.
+    """
+    from saliencylab.methods._common import target_probability
+    from saliencylab.methods.perturbation import rise_sums
+
+    n, b = logits.shape[:2]
+    prob = target_probability(logits.flatten(0, 1), t.repeat(n)).view(n, b)  # (N, B)
+    with torch.inference_mode():
+        p0 = target_probability(model(x).float(), t)
+    ends = sorted(ref)
+    cov = rise_sums(Constant(logits.shape[2]), x, t, n_masks=n, seed=seed, sampler="iid", parts=ends, **opts)
+    coverage, total = {}, torch.zeros_like(cov[0])
+    for k, c in zip(ends, cov, strict=True):
+        total = total + c
+        coverage[k] = total.detach().cpu()
+    return {"p_unmasked": [round(float(v), 4) for v in p0],
+            "p_masked_mean": [round(float(v), 4) for v in prob.mean(0)],
+            "p_masked_sd": [round(float(v), 4) for v in prob.std(0)],
+            "p_masked_quartiles": [[round(float(q), 4) for q in torch.quantile(prob[:, i].double(),
+                                                                             torch.tensor([0.25, 0.5, 0.75],
+                                                                                          dtype=torch.float64))]
+                                   for i in range(b)],
+            "spearman_map_vs_coverage": {str(k): [round(spearman(ref[k][i], coverage[k][i]), 4) for i in range(b)]
+                                         for k in ends}}
+
+
 def study(name: str, method: str, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, *, reference: int,
-          most: int, seeds: int, target: float, opts: dict[str, Any], log: Any) -> dict[str, Any]:
+          most: int, seeds: int, target: float, opts: dict[str, Any], log: Any, first: int = 4, literal: int = 0,
+          diagnose: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
-    ref = cumulative_maps(method, model, x, t, reference, 10_000, "iid", opts, first=reference // 2)
-    ref_map = ref[reference]
     half = reference // 2  # the reference's own noise: its halves are independent i.i.d. maps
+    rec = Recorder(model) if diagnose else model
+    ref = cumulative_maps(method, rec, x, t, reference, 10_000, "iid", opts,
+                          ends=sorted({literal, half, reference} - {0}))
+    ref_map = ref[reference]
     ref_first = ref[half]
     ref_second = ref_map * 2 - ref_first
     ref_split = [spearman(ref_first[i], ref_second[i]) for i in range(x.shape[0])]
     # the reference's own variance (squared L2, per image): its two halves are independent i.i.d. maps
     ref_var = [float(((ref_first[i] - ref_second[i]) ** 2).sum()) / 4 for i in range(x.shape[0])]
+    diag = None
+    if diagnose:
+        logits = torch.cat(rec.outputs).view(reference, x.shape[0], -1)  # (N, B, K) in mask order
+        diag = rise_diagnostics(model, x, t, ref, logits, 10_000, opts)
+        log(f"{name:<9} {method:<10} diagnostics: {json.dumps(diag)}")
     curves: dict[str, dict[int, float]] = {}
     errors: dict[str, dict[int, float]] = {}
+    lit_curves: dict[str, dict[int, float]] = {}  # vs the first `literal` masks of the reference (the issue's)
     for sampler in SAMPLERS:
-        rows, sq = [], []  # (seed, image) -> spearman per n, squared L2 distance per n
+        rows, sq, lit = [], [], []  # (seed, image) -> spearman per n, squared L2 distance per n
         for s in range(seeds):
-            maps = cumulative_maps(method, model, x, t, most, s, sampler, opts)
+            maps = cumulative_maps(method, model, x, t, most, s, sampler, opts, first=first)
             for i in range(x.shape[0]):
                 rows.append([spearman(maps[k][i], ref_map[i]) for k in sorted(maps)])
                 sq.append([float(((maps[k][i] - ref_map[i]) ** 2).sum()) - ref_var[i] for k in sorted(maps)])
+                if literal:
+                    lit.append([spearman(maps[k][i], ref[literal][i]) for k in sorted(maps)])
         ks = sorted(maps)
         curves[sampler] = {k: statistics.fmean(r[j] for r in rows) for j, k in enumerate(ks)}
         errors[sampler] = {k: statistics.fmean(r[j] for r in sq) for j, k in enumerate(ks)}
+        if literal:
+            lit_curves[sampler] = {k: statistics.fmean(r[j] for r in lit) for j, k in enumerate(ks)}
     needed = {s: next((k for k, v in c.items() if v >= target), None) for s, c in curves.items()}
     # variance at equal samples relative to i.i.d. (the squared L2 distance to the reference less the
     # reference's own variance): for a variance proportional to 1/n, the share of i.i.d.'s samples needed
@@ -93,22 +167,37 @@ def study(name: str, method: str, model: torch.nn.Module, x: torch.Tensor, t: to
            "spearman_vs_reference": {s: {str(k): round(v, 4) for k, v in c.items()} for s, c in curves.items()},
            "needed": needed, "variance_vs_iid_at_equal_samples": {k: round(v, 3) for k, v in efficiency.items()},
            "seconds": round(time.perf_counter() - t0, 1)}
+    if first != 4:
+        out["min_samples"] = first
+    if literal:
+        lit_split = [spearman(ref[literal][i], ref_map[i] * reference / (reference - literal)
+                              - ref[literal][i] * literal / (reference - literal)) for i in range(x.shape[0])]
+        out["literal_reference"] = {
+            "samples": literal, "what": f"the first {literal} masks of the i.i.d. reference (the issue's criterion)",
+            "spearman_with_the_rest_of_the_reference": lit_split,
+            "spearman_vs_reference": {s: {str(k): round(v, 4) for k, v in c.items()} for s, c in lit_curves.items()},
+            "needed": {s: next((k for k, v in c.items() if v >= target), None) for s, c in lit_curves.items()},
+            "best": {s: round(max(c.values()), 4) for s, c in lit_curves.items()}}
+    if diag is not None:
+        out["diagnostics"] = diag
     log(f"{name:<9} {method:<10} reference {reference} (split-half {statistics.fmean(ref_split):.3f}); needed for "
         f"{target}: " + ", ".join(f"{s} {v if v else '>' + str(most)}" for s, v in needed.items())
         + "; variance vs iid at equal samples: " + ", ".join(f"{k} {v:.2f}" for k, v in efficiency.items())
         + f"  [{out['seconds']}s]")
     for s, c in curves.items():
-        log(f"    {s:<10} " + " ".join(f"{k}:{v:.3f}" for k, v in c.items() if k in (4, 8, 16, 32, 64, 128, 256)))
+        log(f"    {s:<10} " + " ".join(f"{k}:{v:.3f}" for k, v in c.items()))
+    for s, c in lit_curves.items():
+        log(f"    vs {literal} {s:<10} " + " ".join(f"{k}:{v:.3f}" for k, v in c.items()))
     return out
 
 
-def photos(size: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def photos(size: int, names: str = "chelsea,coffee") -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     from saliencylab.data import load_image
     from saliencylab.methods import resolve_target
     from saliencylab.models import load_model
 
     clf = load_model("efficientnet_lite0", device="cpu")
-    x = torch.stack([clf.preprocess(load_image(f"sample:{n}").pixels) for n in ("chelsea", "coffee")])
+    x = torch.stack([clf.preprocess(load_image(f"sample:{n}").pixels) for n in names.split(",")])
     if size != x.shape[-1]:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                                             align_corners=False).clamp(0, 1)
@@ -129,8 +218,12 @@ def phantoms(size: int, count: int, weights: str) -> tuple[torch.nn.Module, torc
 
 
 def command(args: argparse.Namespace) -> str:
-    return "python benchmarks/bench_samplers.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json")
+    flags = []
+    for k, v in vars(args).items():
+        if k == "json" or v is False:
+            continue
+        flags.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+    return "python benchmarks/bench_samplers.py " + " ".join(flags)
 
 
 def main() -> None:
@@ -146,6 +239,13 @@ def main() -> None:
     ap.add_argument("--rise-reference", type=int, default=512, help="RISE reference masks (i.i.d.)")
     ap.add_argument("--max", type=int, default=128, help="most samples per tested sampler")
     ap.add_argument("--rise-max", type=int, default=256)
+    ap.add_argument("--rise-min", type=int, default=4, help="fewest masks per tested sampler (then doubling)")
+    ap.add_argument("--rise-literal", type=int, default=0,
+                    help="also compare with the first N masks of the RISE reference (the issue's 512); 0: off")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="RISE: record how the target probability moves under the reference's masks and how "
+                         "much of the map is the masks' coverage alone")
+    ap.add_argument("--photos", default="chelsea,coffee", help="bundled photos (skimage names)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--batch", type=int, default=64, help="samples per forward pass")
@@ -157,18 +257,22 @@ def main() -> None:
     results = []
     t0 = time.perf_counter()
     for subject in args.subjects.split(","):
-        model, x, t = photos(args.photo_size) if subject == "photos" else phantoms(args.phantom_size, args.phantoms,
-                                                                                  args.phantom_model)
+        if subject == "photos":
+            model, x, t = photos(args.photo_size, args.photos)
+        else:
+            model, x, t = phantoms(args.phantom_size, args.phantoms, args.phantom_model)
         bs = max(1, args.batch)
         for method in args.methods.split(","):
+            extra: dict[str, Any] = {}
             if method == "smoothgrad":
                 opts = {"noise_level": 0.15, "batch_size": bs}
                 ref, most = args.reference, args.max
             else:
                 opts = {"grid": 7, "p_keep": 0.5, "batch_size": bs}
                 ref, most = args.rise_reference, args.rise_max
+                extra = {"first": args.rise_min, "literal": args.rise_literal, "diagnose": args.diagnose}
             results.append(study(subject, method, model, x, t, reference=ref, most=most, seeds=args.seeds,
-                                 target=args.target, opts=opts, log=print))
+                                 target=args.target, opts=opts, log=print, **extra))
     path = Path(args.json)
     runs = [{"command": command(args), "seconds": round(time.perf_counter() - t0, 1),
              "studies": [f"{r['subject']}/{r['method']}" for r in results]}]
