@@ -154,3 +154,18 @@ def test_explain_records_convergence_warns_on_stderr_and_in_the_report(tmp_path)
     assert rec["convergence"]["rule"] == {"tolerance": 0.05, "cap": 256, "adapt": False}
     html = write_report(out).read_text()
     assert "Not converged" in html and rec["convergence"]["warnings"][0].split(":")[-1].strip() in html
+
+
+def test_antithetic_split_half_cuts_between_pairs():
+    """With 6 antithetic masks the halves are 4 + 2 masks (whole pairs), not 3 + 3: on a score that ignores
+    the input each half is then exactly flat (a pair's masks sum to 1), so the halves share no noise."""
+    from saliencylab.methods.convergence import _rise_halves
+
+    class Flat(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(x.shape[0], 4)
+
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    opts = {"n_masks": 6, "grid": 3, "p_keep": 0.5, "batch_size": None, "seed": 1, "sampler": "antithetic"}
+    for m in _rise_halves(Flat(), x, torch.zeros(1, dtype=torch.long), opts):
+        torch.testing.assert_close(m, torch.full_like(m, 0.25), rtol=0, atol=1e-12)

@@ -136,6 +136,8 @@ def test_antithetic_rise_pairs_are_complements_so_coverage_noise_cancels(shape, 
     torch.testing.assert_close(anti, torch.full_like(anti, 0.25), rtol=0, atol=1e-12)
     iid = fn(Constant(4), x, t, n_masks=6, grid=grid, seed=3, sampler="iid")
     assert float(iid.std()) > 0.02, float(iid.std())  # coverage noise: how often each pixel was kept
+    # antithetic is RISE's default (benchmarks/bench_samplers.py: at most half of i.i.d.'s masks for the same map)
+    torch.testing.assert_close(fn(Constant(4), x, t, n_masks=6, grid=grid, seed=3), anti, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

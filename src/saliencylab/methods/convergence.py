@@ -178,12 +178,19 @@ def _integrated_gradients(spec: MethodSpec, model: nn.Module, x: torch.Tensor, t
     return Checked(maps, records, lines)
 
 
+def _half(n: int, sampler: str) -> int:
+    """Where the split-half check cuts n samples: the middle, or the nearest pair boundary for antithetic pairs
+    (a pair cut in two would make the halves' noise correlated)."""
+    even = 2 * (n // 4)
+    return even if sampler == "antithetic" and even > 0 else round(n / 2)
+
+
 def _smoothgrad_halves(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
                        opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = int(opts["n_samples"])
     kw = {k: opts[k] for k in ("noise_level", "batch_size", "seed", "sampler")}
-    a, b = smoothgrad_sums(model, x, target, n_samples=n, parts=2, **kw)
-    half = round(n / 2)  # where smoothgrad_sums splits
+    half = _half(n, kw["sampler"])
+    a, b = smoothgrad_sums(model, x, target, n_samples=n, parts=[half, n] if 0 < half < n else 2, **kw)
     return ((a + b) / n).amax(1), (a / max(half, 1)).amax(1), (b / max(n - half, 1)).amax(1)
 
 
@@ -191,8 +198,8 @@ def _rise_halves(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
                  opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, p = int(opts["n_masks"]), float(opts["p_keep"])
     kw = {k: opts[k] for k in ("grid", "p_keep", "batch_size", "seed", "sampler")}
-    a, b = rise_sums(model, x, target, n_masks=n, parts=2, **kw)
-    half = round(n / 2)
+    half = _half(n, kw["sampler"])
+    a, b = rise_sums(model, x, target, n_masks=n, parts=[half, n] if 0 < half < n else 2, **kw)
     return (a + b) / (n * p), a / (max(half, 1) * p), b / (max(n - half, 1) * p)
 
 

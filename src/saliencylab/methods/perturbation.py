@@ -76,7 +76,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, window
                  display="minmax")
 def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Count = 1000, grid: Count = 7,
          p_keep: Annotated[float, Range(0, 1, min_open=True)] = 0.5, batch_size: PassSize = None,
-         seed: int = 0, sampler: Sampler = "iid") -> torch.Tensor:
+         seed: int = 0, sampler: Sampler = "antithetic") -> torch.Tensor:
     """Randomised input sampling: the mask-weighted mean of the target probability over random soft masks.
 
     Masks are binary `grid`^d cells kept with probability `p_keep`, upsampled linearly and shifted by a
@@ -89,10 +89,12 @@ def rise(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: Co
         batch_size: most masked images per forward pass (None: chosen, see `_common.passes`).
         seed: fixes the masks. All cells and shifts are drawn up front from a CPU generator seeded with it,
             so the map does not depend on `batch_size`, on the other images of the batch or on the device.
-        sampler: 'iid', 'antithetic' (each mask followed by its mirror: the cells' uniforms u replaced by 1 - u,
-            the same shift; with p_keep = 0.5 the pair's masks sum to 1, so the part of the map that only
-            counts how often a pixel was kept cancels pair by pair) or 'sobol' (each mask from one
-            scrambled Sobol point of grid^d + d uniforms: cells kept where u < p_keep, shifts floor(u cell)).
+        sampler: 'antithetic' (the default: each mask followed by its mirror, the cells' uniforms u replaced by
+            1 - u, the same shift; with p_keep = 0.5 the pair's masks sum to 1, so the part of the map that
+            only counts how often a pixel was kept cancels pair by pair; it needed at most half of i.i.d.'s
+            masks for the same map in benchmarks/bench_samplers.py, see the README), 'iid' or 'sobol' (each
+            mask from one scrambled Sobol point of grid^d + d uniforms: cells kept where u < p_keep, shifts
+            floor(u cell)).
 
     Returns:
         [B, *spatial], >= 0, in units of probability / p_keep.
@@ -126,7 +128,7 @@ def rise_cells(n_masks: int, grid: int, d: int, cell: list[int], *, p_keep: floa
 
 
 def rise_sums(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_masks: int = 1000, grid: int = 7,
-              p_keep: float = 0.5, batch_size: int | None = None, seed: int = 0, sampler: Sampler = "iid",
+              p_keep: float = 0.5, batch_size: int | None = None, seed: int = 0, sampler: Sampler = "antithetic",
               parts: int | Sequence[int] = 1) -> list[torch.Tensor]:
     """RISE's sums of probability x mask over consecutive shares of the masks (before dividing by N p_keep).
 
