@@ -15,6 +15,19 @@ with a randomly initialised `cxr_cnn` (seed 0; random weights, not trained).
 
     python benchmarks/bench_samplers.py                       # the committed run (see --help for sizes)
     python benchmarks/bench_samplers.py --photo-size 224 --reference 512 --rise-reference 2048  # full size
+
+RISE needs large references: where the target probability moves little under the masks, an i.i.d. map is
+mostly the masks' coverage (`--diagnose` measures both). The RISE study of the README
+(benchmarks/results/samplers_rise_large_reference.json) ran
+
+    python benchmarks/bench_samplers.py --subjects photos --methods rise --photo-size 224 --rise-reference 4096 \
+        --rise-min 64 --rise-max 512 --rise-literal 512 --diagnose --seeds 2 --threads 1 --batch 16 --json FILE
+    python benchmarks/bench_samplers.py --subjects phantoms --methods rise --phantom-model RUN/best.pt \
+        --rise-reference 32768 [--rise-reference-sampler antithetic] --rise-min 64 --rise-max 4096 \
+        --rise-literal 512 --diagnose --seeds 2 --threads 1 --json FILE
+
+`--rise-literal 512` also compares with the first 512 masks of the reference (the issue's criterion);
+`--merge A.json,B.json --json FILE` merges result files without running anything.
 """
 
 from __future__ import annotations
