@@ -15,6 +15,7 @@ import typer
 
 from saliencylab.clihelp import HelpTyper
 from saliencylab.errors import UserError
+from saliencylab.render.maps import DEFAULT_ALPHA
 
 app = HelpTyper(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="What did the image classifier look at, and can we trust that?")
@@ -179,7 +180,7 @@ def explain(
     smooth: float = typer.Option(0.01, "--smooth", min=0.0,
                                  help="Gaussian sigma as a fraction of the longer image side (0: off; display only)"),
     sign: str = typer.Option("abs", "--sign", help="abs, positive or signed (display only)"),
-    alpha: float = typer.Option(0.7, "--alpha", min=0.0, max=1.0,
+    alpha: float = typer.Option(DEFAULT_ALPHA, "--alpha", min=0.0, max=1.0,
                                 help="overlay opacity at the map's peak (it follows the saliency; below 0.1: none)"),
     cmap: str = typer.Option(None, "--cmap", help="matplotlib colormap (default inferno; bwr for signed)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
