@@ -123,6 +123,40 @@ def test_smoothgrad_warns_until_enough_samples():
     assert many.warnings == [] and many.per_image[0]["agreement_estimate"] > 0.95
 
 
+def test_split_half_compares_the_maps_as_drawn():
+    """|gradient| = 2 w |x + noise| on a smooth bump w: the per-pixel noise that a raw comparison counts is what the
+    display's smoothing averages away. The record is the Spearman of the two halves after exactly that smoothing."""
+    from scipy.stats import spearmanr
+
+    from saliencylab.methods.gradient import smoothgrad_sums
+    from saliencylab.render.maps import smooth
+
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    w = 0.5 + torch.exp(-((yy - 12) ** 2 + (xx - 20) ** 2) / (2 * 6.0 ** 2))[None]  # a bump on a floor
+
+    class Quad(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (w * x ** 2).flatten(1).sum(1, keepdim=True)
+
+    x = torch.full((1, 1, 32, 32), 0.5).double()
+    x[0, 0, 0, 0] = 0.51  # a value range of 0.01: noise_level 100 draws noise of std 1
+    t, opts = torch.zeros(1, dtype=torch.long), {"n_samples": 8, "noise_level": 100.0}
+    a, b = (s.amax(1)[0].numpy() / 4 for s in smoothgrad_sums(Quad(), x, t, parts=2, **opts))  # the halves (32, 32)
+    got = {}
+    for frac in (0.0, 0.1):
+        out = checked_map(get_method("smoothgrad"), Quad(), x, t, opts, ConvergenceRule(smooth=frac), names=["b"])
+        sa, sb = (smooth(h, frac * 32) for h in (a, b)) if frac else (a, b)
+        assert out.per_image[0]["split_half_spearman"] == pytest.approx(spearmanr(sa.ravel(), sb.ravel())[0],
+                                                                        rel=1e-6)
+        got[frac] = out
+    raw, drawn = got[0.0], got[0.1]
+    assert raw.per_image[0]["split_half_spearman"] < 0.6 and not raw.per_image[0]["converged"]
+    assert "raw pixels" in raw.warnings[0]
+    assert drawn.per_image[0]["agreement_estimate"] > 0.95 and drawn.warnings == []
+    with pytest.raises(ValueError, match="smooth"):
+        ConvergenceRule(smooth=0.6)
+
+
 def test_spearman_brown_and_suggested_samples():
     assert spearman_brown(0.5) == pytest.approx(2 / 3)
     assert math.isnan(spearman_brown(float("nan")))
@@ -166,6 +200,6 @@ def test_explain_records_convergence_warns_on_stderr_and_in_the_report(tmp_path)
     warned = [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
     assert warned and warned == [f"warning: {w}" for w in rec["convergence"]["warnings"]]
     assert all(str(tmp_path / "a.png") in w for w in warned)
-    assert rec["convergence"]["rule"] == {"tolerance": 0.05, "cap": 256, "adapt": False}
+    assert rec["convergence"]["rule"] == {"tolerance": 0.05, "cap": 256, "adapt": False, "smooth": 0.01}
     html = write_report(out).read_text()
     assert "Not converged" in html and rec["convergence"]["warnings"][0].split(":")[-1].strip() in html

@@ -16,6 +16,9 @@ OPACITY_FLOOR = 0.1
 """Below this |normalised saliency| an overlay is fully transparent: near-zero shows the image as it is."""
 DEFAULT_ALPHA = 0.7
 """Overlay opacity at the map's peak: the one default of the renderer, the CLI's --alpha, the API and the page."""
+DEFAULT_SMOOTH = 0.01
+"""Display smoothing: Gaussian sigma as a fraction of the map's longer side (CLI --smooth; convergence checks compare
+sampled maps at this smoothing, as they are drawn)."""
 BAR_BACKGROUND = 0.5
 """The neutral gray that a figure's colour bar fades to, as an overlay fades to its image (see `overlay_colours`)."""
 

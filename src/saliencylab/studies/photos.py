@@ -17,7 +17,7 @@ from saliencylab.methods import MethodSpec
 from saliencylab.methods.convergence import ConvergenceRule, checked_map
 from saliencylab.models.registry import Classifier
 from saliencylab.render import normalise, smooth
-from saliencylab.render.maps import DEFAULT_ALPHA
+from saliencylab.render.maps import DEFAULT_ALPHA, DEFAULT_SMOOTH
 from saliencylab.studies.streaming import StreamConfig
 
 
@@ -87,7 +87,7 @@ class DisplaySettings:
     """
 
     sign: str = "abs"
-    smooth: float = 0.01
+    smooth: float = DEFAULT_SMOOTH
     normalise: str = "auto"
     alpha: float = DEFAULT_ALPHA
     cmap: str | None = None
