@@ -154,7 +154,7 @@ def test_split_half_compares_the_maps_as_drawn():
     assert "raw pixels" in raw.warnings[0]
     assert drawn.per_image[0]["agreement_estimate"] > 0.95 and drawn.warnings == []
     with pytest.raises(ValueError, match="smooth"):
-        ConvergenceRule(smooth=0.6)
+        ConvergenceRule(smooth=-0.1)
 
 
 def test_spearman_brown_and_suggested_samples():

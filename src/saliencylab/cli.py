@@ -178,7 +178,8 @@ def explain(
     normalise: str = typer.Option("auto", "--normalise",
                                   help="auto (each method's own), absmax, minmax or percentile (display only)"),
     smooth: float = typer.Option(DEFAULT_SMOOTH, "--smooth", min=0.0,
-                                 help="Gaussian sigma as a fraction of the longer image side (0: off; display only)"),
+                                 help="Gaussian sigma as a fraction of the longer image side (0: off; display only, "
+                                      "and SmoothGrad/RISE convergence checks compare maps at it)"),
     sign: str = typer.Option("abs", "--sign", help="abs, positive or signed (display only)"),
     alpha: float = typer.Option(DEFAULT_ALPHA, "--alpha", min=0.0, max=1.0,
                                 help="overlay opacity at the map's peak (it follows the saliency; below 0.1: none)"),

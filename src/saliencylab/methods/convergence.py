@@ -61,8 +61,8 @@ class ConvergenceRule:
             raise ValueError(f"tolerance must be in (0, 1); got {self.tolerance}")
         if self.cap < 1:
             raise ValueError(f"cap must be >= 1; got {self.cap}")
-        if not 0 <= self.smooth <= 0.5:
-            raise ValueError(f"smooth must be in [0, 0.5]; got {self.smooth}")
+        if not self.smooth >= 0:  # also NaN
+            raise ValueError(f"smooth must be >= 0; got {self.smooth}")
 
 
 @dataclass(frozen=True)
