@@ -15,6 +15,7 @@ import typer
 
 from saliencylab.clihelp import HelpTyper
 from saliencylab.errors import UserError
+from saliencylab.render.maps import DEFAULT_ALPHA, DEFAULT_SMOOTH
 
 app = HelpTyper(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="What did the image classifier look at, and can we trust that?")
@@ -176,11 +177,12 @@ def explain(
                                           help="most perturbed samples per forward pass in sampling methods"),
     normalise: str = typer.Option("auto", "--normalise",
                                   help="auto (each method's own), absmax, minmax or percentile (display only)"),
-    smooth: float = typer.Option(0.01, "--smooth", min=0.0,
-                                 help="Gaussian sigma as a fraction of the longer image side (0: off; display only)"),
+    smooth: float = typer.Option(DEFAULT_SMOOTH, "--smooth", min=0.0,
+                                 help="Gaussian sigma as a fraction of the longer image side (0: off; display only, "
+                                      "and SmoothGrad/RISE convergence checks compare maps at it)"),
     sign: str = typer.Option("abs", "--sign", "--sign-mode",
                              help="abs, positive or signed (display only; --sign-mode under torchrun)"),
-    alpha: float = typer.Option(0.7, "--alpha", min=0.0, max=1.0,
+    alpha: float = typer.Option(DEFAULT_ALPHA, "--alpha", min=0.0, max=1.0,
                                 help="overlay opacity at the map's peak (it follows the saliency; below 0.1: none)"),
     cmap: str = typer.Option(None, "--cmap", help="matplotlib colormap (default inferno; bwr for signed)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -271,7 +273,7 @@ def explain(
                  display=display, skip_bad=skip_bad, progress=progress, stream=stream,
                  command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]),
                  model_args={"model": model, "weights": weights, **model_kwargs}, precision=precision,
-                 convergence=ConvergenceRule(tolerance=tolerance, adapt=adapt))
+                 convergence=ConvergenceRule(tolerance=tolerance, adapt=adapt, smooth=smooth))
     from saliencylab.dist import world
 
     if not world().main:  # under torchrun rank 0 speaks for the job
