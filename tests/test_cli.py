@@ -97,7 +97,7 @@ def test_explain_map_matches_the_method_on_the_model_input(tmp_path):
 
 def test_methods_and_models_listing():
     res = run("methods")
-    assert res.exit_code == 0 and "smoothgrad" in res.output and re.search(r"n_samples +16 ", res.output)
+    assert res.exit_code == 0 and "smoothgrad" in res.output and re.search(r"n_samples +32 ", res.output)
     res = run("models")
     assert "efficientnet_lite0" in res.output and "vgg16" in res.output
 

@@ -104,3 +104,29 @@ def test_augment_rows_do_not_depend_on_the_batch():
     draw = draw_augment(9, torch.Generator().manual_seed(3), hflip=True)
     parts = [apply_augment(x[a:b], {k: v[a:b] for k, v in draw.items()}) for a, b in ((0, 4), (4, 9))]
     torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+
+
+def _torchrun_options() -> list[str]:
+    from torch.distributed.run import get_args_parser
+
+    return [s for a in get_args_parser()._actions for s in a.option_strings if s.startswith("--")]
+
+
+def test_every_cli_option_has_a_spelling_that_torchrun_passes_on():
+    """torchrun's argparse reads every '--x' after the script as a possible abbreviation of its own options
+    and stops on an ambiguous one ('--n' could be --nnodes or --nproc-per-node): each option of ours needs one
+    spelling that is not such a prefix, and `--n` / `--sign` have aliases for it."""
+    import typer.main
+
+    from saliencylab.cli import app
+
+    theirs = _torchrun_options()
+
+    def passes(opt: str) -> bool:
+        return opt in theirs or sum(t.startswith(opt) for t in theirs) < 2
+
+    assert not passes("--n") and not passes("--sign")  # the two that need their aliases
+    blocked = [(name, p.name) for name, c in typer.main.get_command(app).commands.items() for p in c.params
+               if p.opts and any(o.startswith("--") for o in p.opts + p.secondary_opts)
+               and not any(passes(o) for o in p.opts + p.secondary_opts if o.startswith("--"))]
+    assert blocked == []

@@ -113,3 +113,33 @@ def test_opacity_ramp_and_default_colour_map():
     out = overlay(img, np.array([[0.0, 0.5, 1.0]]), alpha=1.0, cmap="gray")  # --cmap and --alpha still apply
     np.testing.assert_array_equal(out[0, 2], 255)
     np.testing.assert_array_equal(out[0, 0], 128)
+
+
+def _bar_colour(fig, value: float) -> np.ndarray:
+    """The RGB the drawn figure shows at `value` on its colour bar (the pixel at the bar's centre line)."""
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(np.float64)
+    (bar,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    x = bar.transAxes.transform((0.5, 0.0))[0]
+    y = bar.transData.transform((0.0, value))[1]  # a vertical bar: values run along y
+    return pixels[pixels.shape[0] - 1 - int(y), int(x)]
+
+
+@pytest.mark.parametrize(("signed", "alpha", "values"), [(False, 0.7, [0.05, 0.3, 0.6, 0.95]),
+                                                         (False, 0.4, [0.05, 0.95]),
+                                                         (True, 0.7, [-0.95, -0.3, 0.05, 0.3, 0.95])])
+def test_colour_bar_shows_each_value_as_the_overlay_draws_it(signed, alpha, values):
+    """Low saliency fades out on the bar as on the image: the bar's colour at v is an overlay's pixel at v over the
+    bar's gray, and never the full-opacity colour map (which would show low values stronger than any overlay)."""
+    fig = grid_figure(rows(1, signed=signed, n_maps=2), NAMES[:2], alpha=alpha)
+    try:
+        for v in values:
+            got = _bar_colour(fig, v)
+            m = np.array([[v, -1.0]]) if signed else np.array([[v]])  # a map with a negative pixel is a signed map
+            gray = np.full(m.shape, 0.5)  # the bar's background (render.maps.BAR_BACKGROUND)
+            expected = overlay(gray, m, alpha=alpha)[0, 0].astype(np.float64)  # inferno, or bwr when signed
+            np.testing.assert_allclose(got, expected, atol=6, err_msg=f"value {v}")
+            if abs(v) < OPACITY_FLOOR:  # below the floor an overlay shows the image: the bar shows plain gray
+                np.testing.assert_allclose(got, 128, atol=2)
+    finally:
+        plt.close(fig)

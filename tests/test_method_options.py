@@ -181,12 +181,12 @@ def test_methods_listing_shows_types_and_ranges():
     res = runner.invoke(app, ["methods"])
     assert res.exit_code == 0
     rows = [ln.split(None, 2) for ln in res.output.splitlines() if ln.startswith("    ")]  # OPTION DEFAULT ALLOWED
-    assert ["n_samples", "16", "an integer >= 1"] in rows
+    assert ["n_samples", "32", "an integer >= 1"] in rows
     assert any(r[:2] == ["rule", "'gausslegendre'"] and r[2].startswith("one of gausslegendre, riemann_left")
                for r in rows)
     assert ["p_keep", "0.5", "a number in (0, 1]"] in rows
     data = json.loads(runner.invoke(app, ["methods", "--json"]).output)
-    assert data["smoothgrad"]["options"]["n_samples"] == 16
+    assert data["smoothgrad"]["options"]["n_samples"] == 32
     assert data["smoothgrad"]["option_types"]["n_samples"]["min"] == 1
     assert data["integrated_gradients"]["option_types"]["rule"]["choices"][0] == "gausslegendre"
     assert data["rise"]["option_types"]["p_keep"]["min_open"] is True

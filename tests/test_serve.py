@@ -155,6 +155,36 @@ def test_inline_overlays_and_redraw_with_other_display_settings(client, photo):
     assert client.get("/api/results/0123456789abcdef/image.png").status_code == 404
 
 
+def test_default_opacity_is_the_clis_and_the_renderers(client, photo):
+    """Without `alpha` the API draws what `explain` draws with its defaults; the page starts from the same value."""
+    import inspect
+
+    from saliencylab.cli import explain as cli_explain
+    from saliencylab.render.maps import DEFAULT_ALPHA
+
+    cli_alpha = inspect.signature(cli_explain).parameters["alpha"].default.default
+    renderer_alpha = inspect.signature(overlay).parameters["alpha"].default
+    assert cli_alpha == DEFAULT_ALPHA == DisplaySettings().alpha == renderer_alpha
+    body = explain(client, png(photo), methods="vanilla").json()
+    raw = np.load(io.BytesIO(client.get(body["methods"]["vanilla"]["npy"]).content))
+    shown = DisplaySettings().render(raw, get_method("vanilla").display)
+    assert (shown >= 0.5).sum() > 50  # enough of the map shows for the opacity to matter
+    expected = overlay(load_image_bytes(png(photo)), shown).astype(int)  # the renderer's (and explain's) default
+    plain = f"/api/results/{body['id']}/maps/vanilla/overlay.png"  # no query string: the GET defaults
+    zipped = zipfile.ZipFile(io.BytesIO(client.get(f"/api/results/{body['id']}/maps.zip").content))
+    for got in (client.get(body["methods"]["vanilla"]["overlay"]).content, client.get(plain).content,
+                zipped.read("vanilla.png")):
+        assert np.abs(np.asarray(_png(got)).astype(int) - expected).max() <= 1
+    assert f"--alpha {cli_alpha:g}" in body["settings"]["command"]
+    # the page takes its slider's start from /api/methods, and its markup starts at the same value
+    assert client.get("/api/methods").json()["display"] == dict(DisplaySettings().__dict__)
+    page = client.get("/").text
+    assert f'id="opacity" min="0" max="1" step="0.05" value="{DEFAULT_ALPHA:g}"' in page
+    assert f'<output id="opacity-value" for="opacity">{DEFAULT_ALPHA:.2f}</output>' in page
+    assert f"--opacity: {DEFAULT_ALPHA:g};" in client.get("/static/app.css").text
+    assert "setOpacity(methods.display.alpha)" in client.get("/static/app.js").text
+
+
 def test_settings_command_reproduces_the_maps_from_the_cli(tmp_path, photo, monkeypatch):
     from typer.testing import CliRunner
 

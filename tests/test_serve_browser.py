@@ -93,7 +93,7 @@ def test_workbench_in_a_real_browser(server, browser, tmp_path):
     from selenium.webdriver.support.ui import Select
 
     from saliencylab.data.images import load_image
-    from saliencylab.render.maps import to_uint8
+    from saliencylab.render.maps import DEFAULT_ALPHA, to_uint8
     from saliencylab.web.core import png_bytes
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -127,8 +127,10 @@ def test_workbench_in_a_real_browser(server, browser, tmp_path):
     # 2. the opacity slider, by keyboard: at 0 the overlays are the bare image, raising it changes them
     sg = find(By.CSS_SELECTOR, '.fig.method[data-method="smoothgrad"] .frame')
     cam = find(By.CSS_SELECTOR, '.fig.method[data-method="gradcam"] .frame')
-    half = _shot(sg)
-    slider = find(By.ID, "opacity")
+    start = _shot(sg)
+    slider = find(By.ID, "opacity")  # it starts at the CLI's --alpha default
+    assert float(slider.get_attribute("value")) == DEFAULT_ALPHA
+    assert find(By.ID, "opacity-value").text == f"{DEFAULT_ALPHA:.2f}"
     slider.send_keys(Keys.HOME)
     assert find(By.ID, "opacity-value").text == "0.00"
     zero_sg, zero_cam = _shot(sg), _shot(cam)
@@ -138,8 +140,8 @@ def test_workbench_in_a_real_browser(server, browser, tmp_path):
         slider.send_keys(Keys.ARROW_RIGHT)
     assert find(By.ID, "opacity-value").text == "1.00"
     full = _shot(sg)
-    assert np.abs(full - zero_sg).mean() > 10 and np.abs(half - zero_sg).mean() > 3
-    assert np.abs(full - zero_sg).mean() > np.abs(half - zero_sg).mean()
+    assert np.abs(full - zero_sg).mean() > 10 and np.abs(start - zero_sg).mean() > 3
+    assert np.abs(full - zero_sg).mean() > np.abs(start - zero_sg).mean()
 
     # a colour map change redraws the overlays without recomputing
     before = find(By.CSS_SELECTOR, 'img[data-heat="gradcam"]').get_attribute("src")

@@ -15,6 +15,7 @@ import typer
 
 from saliencylab.clihelp import HelpTyper
 from saliencylab.errors import UserError
+from saliencylab.render.maps import DEFAULT_ALPHA, DEFAULT_SMOOTH
 
 app = HelpTyper(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="What did the image classifier look at, and can we trust that?")
@@ -176,10 +177,12 @@ def explain(
                                           help="most perturbed samples per forward pass in sampling methods"),
     normalise: str = typer.Option("auto", "--normalise",
                                   help="auto (each method's own), absmax, minmax or percentile (display only)"),
-    smooth: float = typer.Option(0.01, "--smooth", min=0.0,
-                                 help="Gaussian sigma as a fraction of the longer image side (0: off; display only)"),
-    sign: str = typer.Option("abs", "--sign", help="abs, positive or signed (display only)"),
-    alpha: float = typer.Option(0.7, "--alpha", min=0.0, max=1.0,
+    smooth: float = typer.Option(DEFAULT_SMOOTH, "--smooth", min=0.0,
+                                 help="Gaussian sigma as a fraction of the longer image side (0: off; display only, "
+                                      "and SmoothGrad/RISE convergence checks compare maps at it)"),
+    sign: str = typer.Option("abs", "--sign", "--sign-mode",
+                             help="abs, positive or signed (display only; --sign-mode under torchrun)"),
+    alpha: float = typer.Option(DEFAULT_ALPHA, "--alpha", min=0.0, max=1.0,
                                 help="overlay opacity at the map's peak (it follows the saliency; below 0.1: none)"),
     cmap: str = typer.Option(None, "--cmap", help="matplotlib colormap (default inferno; bwr for signed)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -270,7 +273,7 @@ def explain(
                  display=display, skip_bad=skip_bad, progress=progress, stream=stream,
                  command=" ".join(shlex.quote(a) for a in ["saliencylab", *sys.argv[1:]]),
                  model_args={"model": model, "weights": weights, **model_kwargs}, precision=precision,
-                 convergence=ConvergenceRule(tolerance=tolerance, adapt=adapt))
+                 convergence=ConvergenceRule(tolerance=tolerance, adapt=adapt, smooth=smooth))
     from saliencylab.dist import world
 
     if not world().main:  # under torchrun rank 0 speaks for the job
@@ -402,7 +405,8 @@ def evaluate(
     channels: int = typer.Option(None, "--channels", help=CHANNELS_HELP),
     mean: str = typer.Option(None, "--mean", help=MEAN_HELP),
     std: str = typer.Option(None, "--std", help=STD_HELP),
-    n: int = typer.Option(None, "--n", min=1, help="a seeded sample of this many images (default: all)"),
+    n: int = typer.Option(None, "--n", "--sample", min=1,
+                          help="a seeded sample of this many images (default: all; --sample under torchrun)"),
     threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0, help="positive when p >= threshold"),
     out: Path = typer.Option(None, "--out", help="output folder (default: RUN/eval, RUN/eval-<data>, or "
                                                  "runs/<model>-<data>/eval)"),
@@ -467,7 +471,8 @@ def audit(
     methods: str = typer.Option(None, "--methods", help="comma-separated method names, or 'all' (default: an "
                                                         "explain folder's own, else vanilla,smoothgrad,"
                                                         "integrated_gradients,gradcam)"),
-    n: int = typer.Option(64, "--n", min=1, help="images to audit (seeded sample)"),
+    n: int = typer.Option(64, "--n", "--sample", min=1,
+                          help="images to audit (seeded sample; --sample under torchrun)"),
     compare: Path = typer.Option(None, "--compare", help="a second run or model: rank agreement of its maps"),
     sanity_images: int = typer.Option(8, "--sanity-images", min=2, help="images for the randomisation check"),
     faithfulness_images: int = typer.Option(16, "--faithfulness-images", min=1,
@@ -482,6 +487,12 @@ def audit(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="progress bar (default: on a terminal)"),
+    shard_size: int = typer.Option(256, "--shard-size", min=1,
+                                   help="images per shard (rounded up to whole batches): the unit of resuming "
+                                        "and of work per torchrun process"),
+    resume: bool = typer.Option(False, "--resume",
+                                help="finish a killed audit (running the same command again does too; this flag "
+                                     "refuses a folder with nothing to resume)"),
 ) -> None:
     """Measure whether the saliency maps can be trusted: localisation, sanity, faithfulness, stability, probes.
 
@@ -503,7 +514,9 @@ def audit(
                        faithfulness_images=faithfulness_images, road=road, data_randomisation=data_randomisation,
                        smprt=smprt, seed=seed, batch_size=batch_size, out=out, progress=progress, log=typer.echo,
                        model_kwargs=preprocessing_kwargs(input_size, channels, mean, std), device=device,
-                       precision=precision)
+                       precision=precision, shard_size=shard_size, resume=resume)
+    if "rank" in result:  # another torchrun rank: rank 0 reports
+        return
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
     typer.echo(f"wrote {result['out']}/audit.json, audit_images.csv, flagged.csv, unreadable.json and figures")
 

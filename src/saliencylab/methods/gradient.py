@@ -55,13 +55,13 @@ def gradient_x_input(model: nn.Module, x: torch.Tensor, target: torch.Tensor) ->
 
 @register_method("smoothgrad", family="gradient",
                  paper="Smilkov et al. 2017, https://arxiv.org/abs/1706.03825")
-def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: Count = 16,
+def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: Count = 32,
                noise_level: NonNegative = 0.15, batch_size: PassSize = None, seed: int = 0,
                sampler: Sampler = "iid") -> torch.Tensor:
     """Mean absolute gradient over noisy copies, then the channel maximum, as for the vanilla gradient.
 
     Args:
-        n_samples: noisy copies per image.
+        n_samples: noisy copies per image (32: converged as drawn on the bundled photos, see `methods.convergence`).
         noise_level: noise std as a fraction of each image's value range (max - min); the paper's 10-20%.
         batch_size: most samples per forward pass (None: chosen, see `_common.passes`: one noisy copy of the
             batch per pass on a CPU, as many as fit half the free memory on CUDA).
@@ -79,7 +79,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_sam
     return (total / n_samples).amax(dim=1)
 
 
-def smoothgrad_sums(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: int = 16,
+def smoothgrad_sums(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, n_samples: int = 32,
                     noise_level: float = 0.15, batch_size: int | None = None, seed: int = 0,
                     sampler: Sampler = "iid", parts: int | Sequence[int] = 1) -> list[torch.Tensor]:
     """SmoothGrad's sums of |gradient| over consecutive shares of the samples, before the mean and channel max.

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from saliencylab.render.maps import overlay, to_uint8
+from saliencylab.render.maps import DEFAULT_ALPHA, overlay, to_uint8
 
 
 @dataclass
@@ -45,10 +45,11 @@ def _caption(text: str, width: int = 26) -> str:
     return "\n".join(textwrap.fill(line, width) or line for line in text.split("\n"))
 
 
-def grid_figure(rows: Sequence[GridRow], columns: Sequence[str], *, alpha: float = 0.7, cmap: str | None = None,
-                cell_inches: float = 2.2, wrap: int = WRAP) -> Any:
+def grid_figure(rows: Sequence[GridRow], columns: Sequence[str], *, alpha: float = DEFAULT_ALPHA,
+                cmap: str | None = None, cell_inches: float = 2.2, wrap: int = WRAP) -> Any:
     """The original plus one overlay per method for each image, methods wrapped at `wrap` per row, and a
-    shared colour bar inside the figure (constrained layout keeps every label on the canvas).
+    shared colour bar inside the figure (constrained layout keeps every label on the canvas) that shows each
+    value as the overlays draw it over a neutral gray (`render.maps.overlay_colours`: the opacity ramp included).
 
     Args:
         rows: the images with their normalised maps, in column order.
@@ -64,7 +65,7 @@ def grid_figure(rows: Sequence[GridRow], columns: Sequence[str], *, alpha: float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saliencylab.render.maps import DEFAULT_CMAP, SIGNED_CMAP
+    from saliencylab.render.maps import DEFAULT_CMAP, SIGNED_CMAP, overlay_colours
 
     per_row = max(1, min(wrap, len(columns)))
     lines = max(1, -(-len(columns) // per_row))  # grid rows per image
@@ -94,7 +95,10 @@ def grid_figure(rows: Sequence[GridRow], columns: Sequence[str], *, alpha: float
         else:
             fig.delaxes(ax)  # empty cells of a wrapped row: fewer axes for the layout to place
     norm = matplotlib.colors.Normalize(-1 if signed else 0, 1)
-    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[used].tolist(),
+    # the bar shows the overlays' colours over a neutral gray: low saliency fades out on the bar as on the image
+    ramp = matplotlib.colors.ListedColormap(overlay_colours(np.linspace(norm.vmin, 1, 256), alpha=alpha,
+                                                            cmap=cmap) / 255.0)
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=ramp), ax=axes[used].tolist(),
                        shrink=min(0.9, 4.5 / fig.get_figheight()), aspect=20, pad=0.02, anchor=(0.0, 1.0),
                        ticks=[-1, 0, 1] if signed else [0, 0.5, 1])
     bar.set_label("normalised saliency", fontsize=9)
@@ -103,7 +107,7 @@ def grid_figure(rows: Sequence[GridRow], columns: Sequence[str], *, alpha: float
 
 
 def saliency_grid(rows: Sequence[GridRow], columns: Sequence[str], path: str | os.PathLike, *,
-                  alpha: float = 0.7, cmap: str | None = None, wrap: int = WRAP) -> None:
+                  alpha: float = DEFAULT_ALPHA, cmap: str | None = None, wrap: int = WRAP) -> None:
     """Draw `grid_figure` and save it as PNG (atomically).
 
     Args:

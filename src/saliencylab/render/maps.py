@@ -14,6 +14,13 @@ SIGNED_CMAP = "bwr"
 """Diverging, white at 0, for maps that keep their sign."""
 OPACITY_FLOOR = 0.1
 """Below this |normalised saliency| an overlay is fully transparent: near-zero shows the image as it is."""
+DEFAULT_ALPHA = 0.7
+"""Overlay opacity at the map's peak: the one default of the renderer, the CLI's --alpha, the API and the page."""
+DEFAULT_SMOOTH = 0.01
+"""Display smoothing: Gaussian sigma as a fraction of the map's longer side (CLI --smooth; convergence checks compare
+sampled maps at this smoothing, as they are drawn)."""
+BAR_BACKGROUND = 0.5
+"""The neutral gray that a figure's colour bar fades to, as an overlay fades to its image (see `overlay_colours`)."""
 
 
 def normalise(m: np.ndarray, mode: Mode = "absmax", *, percentile: float = 99.0) -> np.ndarray:
@@ -99,7 +106,8 @@ def opacity(m: np.ndarray, alpha: float = 1.0, *, floor: float = OPACITY_FLOOR) 
     return (alpha * np.clip((a - floor) / (1.0 - floor), 0.0, 1.0)).astype(np.float32)
 
 
-def overlay(image: np.ndarray, m: np.ndarray, *, alpha: float = 0.7, cmap: str | None = None) -> np.ndarray:
+def overlay(image: np.ndarray, m: np.ndarray, *, alpha: float = DEFAULT_ALPHA,
+            cmap: str | None = None) -> np.ndarray:
     """Blend a normalised map over an image, with an opacity that follows the saliency (see `opacity`).
 
     Args:
@@ -121,3 +129,22 @@ def overlay(image: np.ndarray, m: np.ndarray, *, alpha: float = 0.7, cmap: str |
     heat = colorize(m, cmap).astype(np.float32)
     weight = opacity(m, alpha)[..., None]
     return (base * (1.0 - weight) + heat * weight + 0.5).astype(np.uint8)
+
+
+def overlay_colours(values: np.ndarray, *, alpha: float = DEFAULT_ALPHA, cmap: str | None = None,
+                    background: float = BAR_BACKGROUND) -> np.ndarray:
+    """The colours `overlay` draws for normalised values over a uniform gray image: a colour bar's colours.
+
+    Low values fade to the background exactly as they fade to the image in an overlay (opacity ramp and all),
+    so the bar never shows low saliency stronger than the overlays do.
+
+    Args:
+        values: (N,) normalised values, in [0, 1] or [-1, 1] (any negative value: a signed scale, as `colorize`).
+        alpha, cmap: as for `overlay`.
+        background: the gray level in [0, 1] under the colours.
+
+    Returns:
+        uint8 RGB (N, 3).
+    """
+    v = np.asarray(values, dtype=np.float32).reshape(1, -1)  # (1, N): one row of pixels
+    return overlay(np.full(v.shape, background, np.float32), v, alpha=alpha, cmap=cmap)[0]

@@ -9,6 +9,7 @@ import json
 import math
 import platform
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,11 @@ def pct(v: float | None, digits: int = 0) -> str:
 
 
 def reading(mass: float, share: float) -> str:
-    """'38% of the saliency falls inside the lungs, which cover 31% of the image: barely above chance'."""
+    """'38% of the saliency falls inside the lungs, which cover 31% of the image: barely above chance (1.2x)'.
+
+    Words from the ratio alone, for one image (the workbench) or an audit.json without verdicts; an audit's
+    report reads its verdict instead (`lung_reading`).
+    """
     if any(v is None or math.isnan(v) for v in (mass, share)) or share <= 0:
         return "no lung masks: localisation against anatomy is not available"
     ratio = mass / share
@@ -47,6 +52,27 @@ def reading(mass: float, share: float) -> str:
                if ratio < 1.5 else "above chance" if ratio < 2.5 else "well above chance")
     return (f"{pct(mass)} of the saliency falls inside the lungs, which cover {pct(share)} of the image: "
             f"{verdict} ({ratio:.1f}x)")
+
+
+def lung_reading(summary: Mapping[str, Any]) -> str:
+    """The report's sentence on the saliency inside the lungs for one method of audit.json (`methods[m]`).
+
+    Its words are the audit's own verdict (`studies.verdicts`, `verdicts.lungs`: a bootstrap interval of the
+    per-image difference and a minimum effect), so the report never says other than the audit's table; an
+    audit.json written before verdicts existed falls back to `reading`'s ratio wording.
+    """
+    from saliencylab.studies import verdicts
+
+    mass, share = summary.get("lung_mass"), summary.get("lung_share")
+    v = (summary.get("verdicts") or {}).get("lungs")
+    if not v or not (_ok(mass) and _ok(share)) or share <= 0:
+        return reading(mass, share)
+    where = (f"{pct(mass)} of the saliency falls inside the lungs, which cover {pct(share)} of the image "
+             f"({mass / share:.1f}x their share)")
+    if v["verdict"] == verdicts.FEW:
+        return f"{where}: too few images to judge ({v['images']}; the audit needs {verdicts.MIN_IMAGES})"
+    return (f"{where}: {v['verdict']}, the audit's verdict (per-image difference to their share "
+            f"{v['difference']:+.3f}, 95% interval {v['low']:+.3f} to {v['high']:+.3f}, {v['images']} images)")
 
 
 def is_result_folder(folder: Path) -> bool:
@@ -70,12 +96,13 @@ def _run_info(run: Path) -> dict[str, Any]:
 
         audit.setdefault("flags", None)
         for name, m in audit["methods"].items():
-            m.setdefault("verdicts", {})
+            for key in ("faithfulness", "lungs", "marker", "stability"):  # the table's verdict columns: n/a
+                m.setdefault("verdicts", {}).setdefault(key, None)
             rule = m.get("flag_rule") or rule
-            if any(v["verdict"] == verdicts.FEW and v["images"] for v in m["verdicts"].values()):
+            if any(v and v["verdict"] == verdicts.FEW and v["images"] for v in m["verdicts"].values()):
                 unjudged.append(name)
         failing = verdicts.failing(audit["methods"])
-    readings = {name: reading(s["lung_mass"], s["lung_share"]) for name, s in audit["methods"].items()} if audit else {}
+    readings = {name: lung_reading(s) for name, s in audit["methods"].items()} if audit else {}
     config = _json(run / "config.json") or {}
     source = _json(run / "model.json")
     data_meta = Path(config["data"]) / "metadata.csv" if config.get("data") else run / "no-data"
@@ -204,7 +231,7 @@ def headline_sentences(runs: list[dict[str, Any]]) -> list[str]:
             continue
         first = next(iter(a["methods"]))
         s = a["methods"][first]
-        said = {k: f" ({v['verdict']})" for k, v in s["verdicts"].items()}
+        said = {k: f" ({v['verdict']})" for k, v in s["verdicts"].items() if v}
         if "marker" in a["checks"] and _ok(s["marker_mass"]):
             out.append(f"Model {r['name']}, {first}: {pct(s['marker_mass'], 1)} of the saliency on the marker, which "
                        f"covers {pct(s['marker_share'], 1)} of the image{said.get('marker', '')}.")

@@ -14,9 +14,11 @@ console. Adding a check: write its row dataclass, its function and its summary, 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from saliencylab import dist
 from saliencylab.data.datasets import Record, load_mask
 from saliencylab.errors import UserError
 from saliencylab.fsutil import write_json, write_text
@@ -46,6 +49,7 @@ from saliencylab.metrics.localisation import (
     relevance_rank_accuracy,
 )
 from saliencylab.render.figures import save_figure
+from saliencylab.studies import audit_store as store
 from saliencylab.studies import verdicts
 from saliencylab.studies.subject import Subject, check_input, class_probabilities, load_batch, load_run, resolve
 
@@ -842,7 +846,8 @@ def audit(run: str | Path | None = None, *, model: str | None = None, weights: s
           smprt: bool = False, faithfulness_subsets: int = 50, seed: int = 0,
           batch_size: int = 16, options: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
           progress: bool | None = None, log: Callable[[str], None] = print,
-          model_kwargs: dict[str, Any] | None = None, device: str = "cpu", precision: str = "fp32") -> dict[str, Any]:
+          model_kwargs: dict[str, Any] | None = None, device: str = "cpu", precision: str = "fp32",
+          shard_size: int = 256, resume: bool = False) -> dict[str, Any]:
     """Audit the saliency maps of a run, an explain folder, or any model on any labelled data; write
     audit.json, audit_images.csv, flagged.csv and figures under `out` (default RUN/audit).
 
@@ -852,16 +857,44 @@ def audit(run: str | Path | None = None, *, model: str | None = None, weights: s
     options (e.g. {'smoothgrad': {'n_samples': 8}}). Checks that cannot run are listed with their reasons.
     Every check runs on `device` ('auto', 'cpu', 'cuda': models and images are moved there; random draws
     come from seeded CPU generators) at `precision` ('fp32', 'tf32', 'bf16'; see `saliencylab.precision`).
+
+    The batches are grouped into shards of about `shard_size` images (whole batches), each written to
+    OUT/shards when finished (see `audit_store`): running the same audit again, after a kill or with more
+    work, recomputes only the shards whose images, model or settings changed (`resume=True` refuses a folder
+    with nothing to resume). Under torchrun each rank audits shards r, r + world, ... (`device='cuda'`: the
+    GPU of its local rank) and rank 0 writes the summaries, the same files as one process; the other ranks
+    return {'out': ..., 'rank': r}.
     """
     from saliencylab.precision import check_precision
-    from saliencylab.precision import precision as run_at
 
     precision = check_precision(precision)
-    subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=seed,
+    w = dist.world()
+    with dist.process_group(w, torch.device("cpu")):
+        return _audit(w, run, model=model, weights=weights, data=data, classes=classes, masks=masks,
+                      methods=methods, n=n, compare=compare,
+                      cfg=AuditConfig(sanity_images=sanity_images, faithfulness_images=faithfulness_images,
+                                      road=road, faithfulness_subsets=faithfulness_subsets, seed=seed),
+                      data_randomisation=data_randomisation, smprt=smprt, batch_size=batch_size, options=options,
+                      out=out, progress=progress if w.main else False, log=log if w.main else _silent,
+                      model_kwargs=model_kwargs, device=dist.local_device(device, w), precision=precision,
+                      shard_size=shard_size, resume=resume)
+
+
+def _silent(line: str) -> None:
+    """The log of every rank but 0."""
+
+
+def _audit(w: dist.World, run: str | Path | None, *, model: str | None, weights: str | None,
+           data: str | Path | None, classes: Sequence[str] | None, masks: str | Path | None, methods: str | None,
+           n: int | None, compare: str | None, cfg: AuditConfig, data_randomisation: bool, smprt: bool,
+           batch_size: int, options: dict[str, dict[str, Any]] | None, out: str | Path | None,
+           progress: bool | None, log: Callable[[str], None], model_kwargs: dict[str, Any] | None,
+           device: torch.device, precision: str, shard_size: int, resume: bool) -> dict[str, Any]:
+    from saliencylab.precision import precision as run_at
+
+    subject = resolve(run, model=model, weights=weights, data=data, classes=classes, masks=masks, n=n, seed=cfg.seed,
                       model_kwargs=model_kwargs, device=device)
     specs, options = _methods(subject, methods, options)
-    cfg = AuditConfig(sanity_images=sanity_images, faithfulness_images=faithfulness_images, road=road,
-                      faithfulness_subsets=faithfulness_subsets, seed=seed)
     others: dict[str, nn.Module] = {}
     if compare:
         others["compare"] = _other_model(compare, subject)
@@ -873,25 +906,150 @@ def audit(run: str | Path | None = None, *, model: str | None = None, weights: s
                                                       if need not in available)}
                for c in CHECKS.values() if c not in active]
     out = Path(out) if out else subject.default_out("audit", str(data) if data else None)
-    log(f"auditing {len(subject.records)} images of {subject.origin.get('data') or subject.origin.get('explain')} "
-        f"with {', '.join(s.name for s in specs)}")
+    if resume and not store.has_shards(out):
+        raise UserError(f"--resume: '{out}' holds no audit shards to resume; drop --resume to start the audit")
+    where = subject.origin.get("data") or subject.origin.get("explain")
+    log(f"auditing {len(subject.records)} images of {where} with {', '.join(s.name for s in specs)}")
     for s in skipped:
         log(f"skipped {s['check']}: {s['reason']}")
 
+    job = _job_key(subject, specs, options, cfg, active, others, batch_size, precision)
+    per = max(1, math.ceil(shard_size / batch_size)) * batch_size  # whole batches: the same batches for any world
+    bounds = dist.shard_bounds(len(subject.records), per)
+    made = [p for p in (out / store.FOLDER, out, *out.parents) if not os.path.lexists(p)]  # folders this audit makes
     with run_at(precision, subject.clf.device):
-        rows, timings, thumbs, unreadable = _stream(subject, specs, options, cfg, active, others, batch_size, progress)
-    images = len({r.file for r in rows.get("__images__", [])})
-    if not images:
-        raise UserError(f"no readable image in '{subject.origin.get('data') or subject.origin.get('explain')}'"
-                        f"{f' ({len(unreadable)} unreadable)' if unreadable else ''}; check the dataset")
-    result = aggregate(subject, specs, cfg, active, skipped, rows, images, unreadable, timings)
-    result |= {"device": str(subject.clf.device), "precision": precision}
+        done = _run_shards(subject, specs, options, cfg, active, others, batch_size, progress, out, bounds, job, w)
+    every = dist.gather_shards(done, w)  # {shard: (key, readable images, reused)}
+    if not sum(v[1] for v in every.values()):  # nothing to summarise: leave no trace of this audit
+        if w.main:
+            store.remove(out, 0, len(bounds))
+            for p in made:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+        n_bad = len(subject.records)
+        raise UserError(f"no readable image in '{where}'{f' ({n_bad} unreadable)' if n_bad else ''}; "
+                        "check the dataset")
+    reused = sum(v[2] for v in every.values())
+    if reused:
+        log(f"resumed: {reused} of {len(bounds)} shards of {per} images reused from {out / store.FOLDER}")
+    if not w.main:
+        dist.barrier(w)
+        return {"out": str(out), "rank": w.rank}
+    got = store.merged([store.read(out, s) for s in range(len(bounds))])
+    thumbs = sorted(got.thumbs, key=lambda t: -t.score)[:6]  # each shard's best, in shard order: the run's best
+    result = aggregate(subject, specs, cfg, active, skipped, got.rows, got.images, got.unreadable, got.timings)
+    result |= {"device": str(subject.clf.device), "precision": precision,
+               "shards": {"count": len(bounds), "images_per_shard": per, "reused": reused}}
     for line in summary_lines(result):
         log(line)
-    write_outputs(out, result, rows, thumbs, specs[0].name)
+    write_outputs(out, result, got.rows, thumbs, specs[0].name)
+    store.remove(out, len(bounds))
     if subject.kind == "model" and out.parent == subject.base:
         write_json(subject.base / "model.json", subject.origin)
+    dist.barrier(w)
     return result | {"out": str(out)}
+
+
+def _job_key(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[str, Any]], cfg: AuditConfig,
+             active: list[Check], others: Mapping[str, nn.Module], batch_size: int, precision: str) -> str:
+    """What every shard's rows depend on besides its own images: the model, methods, checks and settings."""
+    from saliencylab import __version__
+    from saliencylab.studies.streaming import model_hash
+
+    return store.digest({
+        "saliencylab": __version__, "model": model_hash(subject.clf), "classes": list(subject.classes),
+        "methods": {s.name: {**s.options(), **options.get(s.name, {})} for s in specs},
+        "config": asdict(cfg), "checks": [c.name for c in active], "batch_size": batch_size, "precision": precision,
+        "others": {role: store.state_digest(m) for role, m in others.items()},
+        "phantoms": _phantom_settings(subject.root) if subject.meta else {}, "source_size": _source_size(subject)})
+
+
+def _shard_key(job: str, subject: Subject, records: Sequence[Record]) -> str:
+    """The job's key with every image of the shard: its name, label, masks, target and the bytes of each file."""
+    from saliencylab.studies.streaming import input_hash
+
+    def mask(p: str | None) -> str:
+        return store.file_digest(subject.root / p) if p else ""
+
+    return store.digest([job, *[
+        [r.file, r.label, r.mask, r.lesions, subject.targets.get(r.file), subject.meta.get(r.file, {}),
+         input_hash(str(subject.root / r.file)), mask(r.mask), mask(r.lesions)] for r in records]])
+
+
+def _run_shards(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[str, Any]], cfg: AuditConfig,
+                active: list[Check], others: Mapping[str, nn.Module], batch_size: int, progress: bool | None,
+                out: Path, bounds: list[tuple[int, int]], job: str, w: dist.World
+                ) -> dict[int, tuple[str, int, int]]:
+    """Audit this rank's shards that are not finished yet; {shard: (key, readable images, 1 if reused)}."""
+    from tqdm import tqdm
+
+    mine = list(dist.my_shards(len(bounds), w))
+    # one step per image for each method's maps and each check: the bar moves as each stage finishes a batch
+    per_image = len(specs) + len(active)
+    done: dict[int, tuple[str, int, int]] = {}
+    with tqdm(total=sum(bounds[s][1] - bounds[s][0] for s in mine) * per_image, unit="step", desc="audit",
+              leave=False, disable=None if progress is None else not progress) as bar:
+        for s in mine:
+            lo, hi = bounds[s]
+            key = _shard_key(job, subject, subject.records[lo:hi])
+            images = store.finished(out, s, key)
+            if images is not None:
+                bar.update((hi - lo) * per_image)
+                done[s] = (key, images, 1)
+                continue
+            res = _stream(subject, subject.records[lo:hi], lo, specs, options, cfg, active, others, batch_size, bar)
+            store.write(out, s, key, res)
+            done[s] = (key, res.images, 0)
+    return done
+
+
+def _stream(subject: Subject, records: Sequence[Record], start: int, specs: list[MethodSpec],
+            options: dict[str, dict[str, Any]], cfg: AuditConfig, active: list[Check],
+            others: Mapping[str, nn.Module], batch_size: int, bar: Any) -> store.ShardResult:
+    """Run every active check on every batch of one shard (`start`: its first image's index in the audit);
+    keep only rows, timings and a few thumbnails."""
+    clf = subject.clf
+    model = clf.module.eval()
+    fns = {s.name: partial(_call, s, options.get(s.name, {})) for s in specs}
+    uses = {s.name: s.uses_model for s in specs}
+    rows: dict[str, list[Any]] = {"__images__": []}
+    timings: dict[str, float] = {}
+    thumbs: list[Thumb] = []
+    unreadable: list[tuple[str, str]] = []
+    src_size = _source_size(subject)
+    phantom = _phantom_settings(subject.root) if subject.meta else {}
+
+    def tick(key: str, t: float) -> None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+
+    per_image = len(specs) + len(active)
+    offset = start  # the first shard counts readable images from 0: "the first batch" is the audit's first
+    for lo in range(0, len(records), batch_size):
+        t = time.perf_counter()
+        x, recs, bad = load_batch(subject, records[lo:lo + batch_size])
+        unreadable += bad
+        bar.update(len(bad) * per_image)
+        if not recs:
+            continue
+        if not rows["__images__"]:
+            check_input(clf, subject.origin.get("model") or subject.origin.get("run", "?"),
+                        str(subject.origin.get("data") or subject.origin.get("explain")), x)
+        batch = _context(subject, recs, x, offset, model, fns, uses, others, src_size, phantom)
+        tick("load", t)
+        batch = _with_maps(batch, timings, bar)
+        for check in active:
+            bar.set_description(f"audit: {check.name}")
+            t = time.perf_counter()
+            rows.setdefault(check.name, []).extend(check.run(batch, cfg))
+            tick(check.name, t)
+            bar.update(len(recs))
+        shown = batch.probs[:, 1] if batch.probs.shape[1] == 2 else batch.probs.max(1)  # as PredictionRow
+        rows["__images__"] += [PredictionRow(r.file, -1 if batch.labels is None else int(batch.labels[i]),
+                                             int(batch.probs[i].argmax()), float(shown[i]))
+                               for i, r in enumerate(recs)]
+        thumbs = _most_telling(thumbs, batch, rows.get("flags", [])[-len(recs) * len(specs):], subject.classes)
+        offset += len(recs)
+    return store.ShardResult(rows, timings, thumbs, unreadable, len(rows["__images__"]))
 
 
 def _methods(subject: Subject, methods: str | None, options: dict[str, dict[str, Any]] | None
@@ -927,63 +1085,6 @@ def _available(subject: Subject, specs: list[MethodSpec], others: Mapping[str, n
     if len(specs) > 1:
         have.add("two_methods")
     return have | set(others)
-
-
-def _stream(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[str, Any]], cfg: AuditConfig,
-            active: list[Check], others: Mapping[str, nn.Module], batch_size: int, progress: bool | None
-            ) -> tuple[dict[str, list[Any]], dict[str, float], list, list[tuple[str, str]]]:
-    """Run every active check on every batch; keep only rows, timings and a few thumbnails."""
-    from tqdm import tqdm
-
-    clf = subject.clf
-    model = clf.module.eval()
-    fns = {s.name: partial(_call, s, options.get(s.name, {})) for s in specs}
-    uses = {s.name: s.uses_model for s in specs}
-    rows: dict[str, list[Any]] = {"__images__": []}
-    timings: dict[str, float] = {}
-    thumbs: list[Thumb] = []
-    unreadable: list[tuple[str, str]] = []
-    src_size = _source_size(subject)
-    phantom = _phantom_settings(subject.root) if subject.meta else {}
-
-    def tick(key: str, t: float) -> None:
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
-
-    # one step per image for each method's maps and each check: the bar moves as each stage finishes a batch
-    per_image = len(specs) + len(active)
-    bar = tqdm(total=len(subject.records) * per_image, unit="step", desc="audit", leave=False,
-               disable=None if progress is None else not progress)
-    offset = 0
-    try:
-        for lo in range(0, len(subject.records), batch_size):
-            t = time.perf_counter()
-            x, recs, bad = load_batch(subject, subject.records[lo:lo + batch_size])
-            unreadable += bad
-            bar.update(len(bad) * per_image)
-            if not recs:
-                continue
-            if offset == 0:
-                check_input(clf, subject.origin.get("model") or subject.origin.get("run", "?"),
-                            str(subject.origin.get("data") or subject.origin.get("explain")), x)
-            batch = _context(subject, recs, x, offset, model, fns, uses, others, src_size, phantom)
-            tick("load", t)
-            t = time.perf_counter()
-            batch = _with_maps(batch, timings, bar)
-            for check in active:
-                bar.set_description(f"audit: {check.name}")
-                t = time.perf_counter()
-                rows.setdefault(check.name, []).extend(check.run(batch, cfg))
-                tick(check.name, t)
-                bar.update(len(recs))
-            shown = batch.probs[:, 1] if batch.probs.shape[1] == 2 else batch.probs.max(1)  # as PredictionRow
-            rows["__images__"] += [PredictionRow(r.file, -1 if batch.labels is None else int(batch.labels[i]),
-                                                 int(batch.probs[i].argmax()), float(shown[i]))
-                                   for i, r in enumerate(recs)]
-            thumbs = _most_telling(thumbs, batch, rows.get("flags", [])[-len(recs) * len(specs):], subject.classes)
-            offset += len(recs)
-    finally:
-        bar.close()
-    return rows, timings, thumbs, unreadable
 
 
 def _context(subject: Subject, recs: list[Record], x: torch.Tensor, offset: int, model: nn.Module,
@@ -1129,9 +1230,12 @@ def _shuffled_label_model(run_dir: Path, cfg: dict[str, Any], log: Callable[[str
     fields_["classes"] = tuple(fields_.get("classes", ("Normal", "COVID")))
     fields_["extra"] = {**fields_.get("extra", {}), "shuffle_labels": True}
     out = run_dir / "shuffled"
-    if not (out / "best.pt").is_file():
+    w = dist.world()
+    # every rank takes rank 0's answer: under torchrun all of them train (each its slice) or none does
+    if dist.broadcast_flag(not (out / "best.pt").is_file(), w, torch.device("cpu")):
         log(f"data randomisation: training on shuffled labels into {out}")
         train(TrainConfig(**fields_), out, progress=False, log=log, device=str(device))
+    dist.barrier(w)  # rank 0 has written best.pt
     return load_run(out)[1].to(device).module.eval()
 
 

@@ -36,7 +36,7 @@ class DemoConfig:
     audit_images: int = 64
     sanity_images: int = 8
     faithfulness_images: int = 12
-    smoothgrad_samples: int = 16
+    smoothgrad_samples: int | None = None  # None: the method's default
     ig_steps: int = 32
     lesion_scale: float = 1.0
     seed: int = 0
@@ -97,8 +97,9 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False, progr
         log(f"{name:<28} {seconds:6.1f}s")
         return result
 
-    method_options = {"smoothgrad": {"n_samples": cfg.smoothgrad_samples},
-                      "integrated_gradients": {"n_steps": cfg.ig_steps}}
+    method_options = {"integrated_gradients": {"n_steps": cfg.ig_steps}}
+    if cfg.smoothgrad_samples is not None:
+        method_options["smoothgrad"] = {"n_samples": cfg.smoothgrad_samples}
 
     # full demo: IG steps adapted per image until converged; --quick only reports (its 8 steps stay 8)
     rule = ConvergenceRule(adapt=not quick)

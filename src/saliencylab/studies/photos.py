@@ -17,6 +17,7 @@ from saliencylab.methods import MethodSpec
 from saliencylab.methods.convergence import ConvergenceRule, checked_map
 from saliencylab.models.registry import Classifier
 from saliencylab.render import normalise, smooth
+from saliencylab.render.maps import DEFAULT_ALPHA, DEFAULT_SMOOTH
 from saliencylab.studies.streaming import StreamConfig
 
 
@@ -86,9 +87,9 @@ class DisplaySettings:
     """
 
     sign: str = "abs"
-    smooth: float = 0.01
+    smooth: float = DEFAULT_SMOOTH
     normalise: str = "auto"
-    alpha: float = 0.7
+    alpha: float = DEFAULT_ALPHA
     cmap: str | None = None
 
     def render(self, m: np.ndarray, preferred: str = "percentile") -> np.ndarray:

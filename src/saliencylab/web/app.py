@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from saliencylab.data.images import MAX_PIXELS
 from saliencylab.errors import UserError
+from saliencylab.render.maps import DEFAULT_ALPHA
 from saliencylab.studies.photos import DisplaySettings
 from saliencylab.web import core, teaching
 
@@ -396,10 +397,11 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
         return {"model": model or cache.default, "classes": clf.class_names, "binary": clf.binary,
                 "input_size": list(clf.input_size), "channels": clf.channels}
 
-    @app.get("/api/methods", summary="Saliency methods: names, families, papers and option schemas")
+    @app.get("/api/methods", summary="Saliency methods: names, families, papers, option schemas, display defaults")
     async def methods() -> dict[str, Any]:
         return {"methods": core.method_catalogue(), "windows": list(core.WINDOWS),
-                "signs": list(core.SIGNS), "normalise": ["auto", *core.NORMALISE_MODES]}
+                "signs": list(core.SIGNS), "normalise": ["auto", *core.NORMALISE_MODES],
+                "display": dict(DisplaySettings().__dict__)}  # the CLI's defaults; the page starts from them
 
     # ---- work ----------------------------------------------------------------------------------------
     @app.post("/api/preview", summary="Decode an image or DICOM (with a window preset) and return it as PNG")
@@ -444,7 +446,7 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
         target: str = Form("predicted", description="predicted, a class index or name, positive/negative"),
         options: list[str] = Form([], alias="set", description="METHOD.OPTION=VALUE, repeatable (the CLI's --set)"),
         sign: str = Form("abs"), smooth: float = Form(0.01), normalise: str = Form("auto"),
-        alpha: float = Form(0.5), cmap: str | None = Form(None), window: str = Form("file"),
+        alpha: float = Form(DEFAULT_ALPHA), cmap: str | None = Form(None), window: str = Form("file"),
         lung_mask: UploadFile | None = File(None, description="optional lung mask (white = lung): localisation"),
         inline: bool = Form(False, description="also return each overlay as base64 PNG"),
     ) -> dict[str, Any]:
@@ -481,7 +483,7 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/api/results/{rid}", summary="An explained image's JSON again")
     async def result_json(rid: str, sign: str = "abs", smooth: float = 0.01, normalise: str = "auto",
-                          alpha: float = 0.5, cmap: str | None = None) -> dict[str, Any]:
+                          alpha: float = DEFAULT_ALPHA, cmap: str | None = None) -> dict[str, Any]:
         result = result_or_404(rid)
         return await run_in_threadpool(payload, result, display_from(sign, smooth, normalise, alpha, cmap))
 
@@ -501,7 +503,8 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/api/results/{rid}/maps/{method}/{kind}.png", summary="overlay (map over image) or heat (RGBA map)")
     async def result_map_png(rid: str, method: str, kind: str, sign: str = "abs", smooth: float = 0.01,
-                             normalise: str = "auto", alpha: float = 0.5, cmap: str | None = None) -> Response:
+                             normalise: str = "auto", alpha: float = DEFAULT_ALPHA,
+                             cmap: str | None = None) -> Response:
         result = result_or_404(rid)
         if method not in result.maps or kind not in ("overlay", "heat"):
             raise _NotFound(f"no '{kind}' of '{method}' in result {rid}; "
@@ -519,7 +522,7 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/api/results/{rid}/settings.json", summary="Settings that reproduce the result from the CLI")
     async def result_settings(rid: str, sign: str = "abs", smooth: float = 0.01, normalise: str = "auto",
-                              alpha: float = 0.5, cmap: str | None = None) -> Response:
+                              alpha: float = DEFAULT_ALPHA, cmap: str | None = None) -> Response:
         result = result_or_404(rid)
         body = json.dumps(_settings(result, display_from(sign, smooth, normalise, alpha, cmap)), indent=2)
         return Response(body, media_type="application/json",
@@ -527,7 +530,7 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/api/results/{rid}/maps.zip", summary="Every raw map (.npy), the overlays and settings.json")
     async def result_zip(rid: str, sign: str = "abs", smooth: float = 0.01, normalise: str = "auto",
-                         alpha: float = 0.5, cmap: str | None = None) -> Response:
+                         alpha: float = DEFAULT_ALPHA, cmap: str | None = None) -> Response:
         result = result_or_404(rid)
         display = display_from(sign, smooth, normalise, alpha, cmap)
 

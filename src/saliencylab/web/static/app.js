@@ -100,6 +100,7 @@ async function loadCatalogue() {
     select.value = models.default;
   }
   state.methods = methods.methods;
+  setOpacity(methods.display.alpha);  // the CLI's --alpha default (render.maps.DEFAULT_ALPHA)
   const box = $("methods");
   let family = null;
   for (const m of methods.methods) {
@@ -539,6 +540,12 @@ function showAttempt(r) {
   progress("teach", false, "The model predicts " + r.target.class + " (" + pct(r.target.probability, 1) + ").");
 }
 
+function setOpacity(value) {
+  $("opacity").value = value;
+  document.documentElement.style.setProperty("--opacity", $("opacity").value);
+  $("opacity-value").textContent = Number($("opacity").value).toFixed(2);
+}
+
 // ---- start -------------------------------------------------------------------------------------------------
 function start() {
   setupTabs();
@@ -547,10 +554,7 @@ function start() {
   $("explain-form").addEventListener("submit", runExplain);
   $("classify").addEventListener("click", runClassify);
   $("model").addEventListener("change", loadClasses);
-  $("opacity").addEventListener("input", () => {
-    document.documentElement.style.setProperty("--opacity", $("opacity").value);
-    $("opacity-value").textContent = Number($("opacity").value).toFixed(2);
-  });
+  $("opacity").addEventListener("input", () => setOpacity($("opacity").value));
   $("opacity").addEventListener("change", () => { if (state.result) renderDownloads(); refreshCommand(); });
   for (const id of ["cmap", "sign", "normalise", "smooth"]) $(id).addEventListener("change", redrawDisplay);
   Promise.all([loadCatalogue(), loadExercises()]).catch((err) => showError("explain", err.message));
