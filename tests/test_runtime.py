@@ -82,8 +82,8 @@ _PROBE = textwrap.dedent("""
 
     class Watch(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "torch" and not seen:
-                seen.update({k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")})
+            if name in ("torch", "numpy") and name not in seen:  # both read the thread variables as they load
+                seen[name] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
             return None
 
     sys.meta_path.insert(0, Watch())
@@ -109,10 +109,14 @@ def _probe(args: list[str], env: dict[str, str]) -> dict:
 
 
 def test_the_cli_sets_the_wait_policy_and_threads_before_torch_loads():
+    """numpy's OpenBLAS and torch's OpenMP read OMP_* when they load: the CLI must not load either before its
+    callback has set them (importing saliencylab.cli loads neither)."""
     got = _probe(["--threads", "3", "methods"], {"SALIENCYLAB_THREADS": "1"})
-    assert got == {"at_import": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}, "threads": 3}
+    want = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
+    assert got == {"at_import": {"numpy": want, "torch": want}, "threads": 3}
     got = _probe(["methods"], {"SALIENCYLAB_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"})
-    assert got == {"at_import": {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}, "threads": 1}
+    want = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
+    assert got == {"at_import": {"numpy": want, "torch": want}, "threads": 1}
 
 
 def _worker_state(_: int) -> tuple[int, bool, str | None]:

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import typer
 
 from saliencylab.clihelp import HelpTyper
+from saliencylab.display import DEFAULT_ALPHA, DEFAULT_SMOOTH
 from saliencylab.errors import UserError
-from saliencylab.render.maps import DEFAULT_ALPHA, DEFAULT_SMOOTH
 
 app = HelpTyper(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="What did the image classifier look at, and can we trust that?")

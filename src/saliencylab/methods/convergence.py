@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from saliencylab.display import DEFAULT_SMOOTH
 from saliencylab.methods._common import eval_mode, target_score
 from saliencylab.methods.gradient import make_baseline, smoothgrad_sums
 from saliencylab.methods.perturbation import rise_sums
 from saliencylab.methods.registry import MethodSpec
-from saliencylab.render.maps import DEFAULT_SMOOTH
 from saliencylab.render.maps import smooth as render_smooth
 
 

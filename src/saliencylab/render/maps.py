@@ -6,6 +6,8 @@ from typing import Literal
 
 import numpy as np
 
+from saliencylab.display import DEFAULT_ALPHA, DEFAULT_SMOOTH  # noqa: F401  (re-exported)
+
 Mode = Literal["absmax", "minmax", "percentile"]
 NORMALISE_MODES: tuple[str, ...] = ("absmax", "minmax", "percentile")
 DEFAULT_CMAP = "inferno"
@@ -14,11 +16,6 @@ SIGNED_CMAP = "bwr"
 """Diverging, white at 0, for maps that keep their sign."""
 OPACITY_FLOOR = 0.1
 """Below this |normalised saliency| an overlay is fully transparent: near-zero shows the image as it is."""
-DEFAULT_ALPHA = 0.7
-"""Overlay opacity at the map's peak: the one default of the renderer, the CLI's --alpha, the API and the page."""
-DEFAULT_SMOOTH = 0.01
-"""Display smoothing: Gaussian sigma as a fraction of the map's longer side (CLI --smooth; convergence checks compare
-sampled maps at this smoothing, as they are drawn)."""
 BAR_BACKGROUND = 0.5
 """The neutral gray that a figure's colour bar fades to, as an overlay fades to its image (see `overlay_colours`)."""
 
