@@ -142,7 +142,11 @@ def _interrupt_when(cmd: list[str], ready, limit: float = 90.0) -> subprocess.Co
     """Start the CLI in its own process group, wait (bounded) until `ready()`, then SIGINT the whole group
     the way a terminal's Ctrl-C does; return its exit status and output."""
     env = {k: v for k, v in os.environ.items() if k != "SALIENCYLAB_DEBUG"} | {"PYTHONPATH": SRC}
-    proc = subprocess.Popen([sys.executable, "-m", "saliencylab.cli", *cmd], stdout=subprocess.PIPE,
+    # as a terminal starts a foreground command: Ctrl-C raises KeyboardInterrupt. A test run started in the
+    # background of a non-interactive shell (`pytest &`) hands its children SIGINT ignored, which Python keeps.
+    cli = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "sys.argv[0] = 'saliencylab'; runpy.run_module('saliencylab.cli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", cli, *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     deadline = time.monotonic() + limit
     try:
