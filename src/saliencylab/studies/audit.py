@@ -10,6 +10,10 @@ function `(batch, config) -> list[row]` registered with what it needs (`needs=('
 per-image rows; one aggregate step per check turns its rows into the numbers of `audit.json`; the file
 writers come last. A check whose needs are not met is skipped, with its reason in `audit.json` and on the
 console. Adding a check: write its row dataclass, its function and its summary, and `register_check` it.
+
+Batches are grouped into shards whose rows are written to OUT/shards as each shard finishes (`audit_store`):
+the summaries are always computed from those files, so a killed audit resumes, a torchrun audit splits the
+shards over its ranks (rank 0 merges), and neither changes a number.
 """
 
 from __future__ import annotations
