@@ -4,7 +4,6 @@ no external URL, no script, readable offline and printable."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import platform
@@ -26,13 +25,9 @@ def _json(path: Path) -> Any:
 
 
 def _sha(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from saliencylab.hashing import file_digest
+
+    return file_digest(path)[:16] if path.is_file() else None
 
 
 def pct(v: float | None, digits: int = 0) -> str:

@@ -18,7 +18,6 @@ shards over its ranks (rank 0 merges), and neither changes a number.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
@@ -38,7 +37,8 @@ from torch import nn
 from saliencylab import dist
 from saliencylab.data.datasets import Record, load_mask
 from saliencylab.errors import UserError
-from saliencylab.fsutil import write_json, write_text
+from saliencylab.fsutil import _remove_empty, write_json, write_text
+from saliencylab.hashing import digest, file_digest, state_digest
 from saliencylab.methods import MethodSpec, get_method, parse_methods
 from saliencylab.metrics.localisation import (
     border_mask,
@@ -920,27 +920,25 @@ def _audit(w: dist.World, run: str | Path | None, *, model: str | None, weights:
     job = _job_key(subject, specs, options, cfg, active, others, batch_size, precision)
     per = max(1, math.ceil(shard_size / batch_size)) * batch_size  # whole batches: the same batches for any world
     bounds = dist.shard_bounds(len(subject.records), per)
-    made = [p for p in (out / store.FOLDER, out, *out.parents) if not os.path.lexists(p)]  # folders this audit makes
+    made = [p for p in (*out.parents[::-1], out, out / store.FOLDER) if not os.path.lexists(p)]  # folders it makes
     with run_at(precision, subject.clf.device):
         done = _run_shards(subject, specs, options, cfg, active, others, batch_size, progress, out, bounds, job, w)
-    every = dist.gather_shards(done, w)  # {shard: (key, readable images, reused)}
-    if not sum(v[1] for v in every.values()):  # nothing to summarise: leave no trace of this audit
+    every = dist.gather_shards(done, w)  # {shard: (readable images, reused)}
+    if not sum(v[0] for v in every.values()):  # nothing to summarise: leave no trace of this audit
         if w.main:
             store.remove(out, 0, len(bounds))
-            for p in made:
-                with contextlib.suppress(OSError):
-                    p.rmdir()
+            _remove_empty(made)
         n_bad = len(subject.records)
         raise UserError(f"no readable image in '{where}'{f' ({n_bad} unreadable)' if n_bad else ''}; "
                         "check the dataset")
-    reused = sum(v[2] for v in every.values())
+    reused = sum(v[1] for v in every.values())
     if reused:
         log(f"resumed: {reused} of {len(bounds)} shards of {per} images reused from {out / store.FOLDER}")
     if not w.main:
         dist.barrier(w)
         return {"out": str(out), "rank": w.rank}
     got = store.merged([store.read(out, s) for s in range(len(bounds))])
-    thumbs = sorted(got.thumbs, key=lambda t: -t.score)[:6]  # each shard's best, in shard order: the run's best
+    thumbs = sorted(got.thumbs, key=lambda t: -t.score)[:FLAGGED_SHOWN]  # the shards' best, in order: the run's
     result = aggregate(subject, specs, cfg, active, skipped, got.rows, got.images, got.unreadable, got.timings)
     result |= {"device": str(subject.clf.device), "precision": precision,
                "shards": {"count": len(bounds), "images_per_shard": per, "reused": reused}}
@@ -960,11 +958,11 @@ def _job_key(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[
     from saliencylab import __version__
     from saliencylab.studies.streaming import model_hash
 
-    return store.digest({
+    return digest({
         "saliencylab": __version__, "model": model_hash(subject.clf), "classes": list(subject.classes),
         "methods": {s.name: {**s.options(), **options.get(s.name, {})} for s in specs},
         "config": asdict(cfg), "checks": [c.name for c in active], "batch_size": batch_size, "precision": precision,
-        "others": {role: store.state_digest(m) for role, m in others.items()},
+        "others": {role: state_digest(m) for role, m in others.items()},
         "phantoms": _phantom_settings(subject.root) if subject.meta else {}, "source_size": _source_size(subject)})
 
 
@@ -973,9 +971,9 @@ def _shard_key(job: str, subject: Subject, records: Sequence[Record]) -> str:
     from saliencylab.studies.streaming import input_hash
 
     def mask(p: str | None) -> str:
-        return store.file_digest(subject.root / p) if p else ""
+        return file_digest(subject.root / p) if p else ""
 
-    return store.digest([job, *[
+    return digest([job, *[
         [r.file, r.label, r.mask, r.lesions, subject.targets.get(r.file), subject.meta.get(r.file, {}),
          input_hash(str(subject.root / r.file)), mask(r.mask), mask(r.lesions)] for r in records]])
 
@@ -983,14 +981,14 @@ def _shard_key(job: str, subject: Subject, records: Sequence[Record]) -> str:
 def _run_shards(subject: Subject, specs: list[MethodSpec], options: dict[str, dict[str, Any]], cfg: AuditConfig,
                 active: list[Check], others: Mapping[str, nn.Module], batch_size: int, progress: bool | None,
                 out: Path, bounds: list[tuple[int, int]], job: str, w: dist.World
-                ) -> dict[int, tuple[str, int, int]]:
-    """Audit this rank's shards that are not finished yet; {shard: (key, readable images, 1 if reused)}."""
+                ) -> dict[int, tuple[int, int]]:
+    """Audit this rank's shards that are not finished yet; {shard: (readable images, 1 if reused)}."""
     from tqdm import tqdm
 
     mine = list(dist.my_shards(len(bounds), w))
     # one step per image for each method's maps and each check: the bar moves as each stage finishes a batch
     per_image = len(specs) + len(active)
-    done: dict[int, tuple[str, int, int]] = {}
+    done: dict[int, tuple[int, int]] = {}
     with tqdm(total=sum(bounds[s][1] - bounds[s][0] for s in mine) * per_image, unit="step", desc="audit",
               leave=False, disable=None if progress is None else not progress) as bar:
         for s in mine:
@@ -999,11 +997,11 @@ def _run_shards(subject: Subject, specs: list[MethodSpec], options: dict[str, di
             images = store.finished(out, s, key)
             if images is not None:
                 bar.update((hi - lo) * per_image)
-                done[s] = (key, images, 1)
+                done[s] = (images, 1)
                 continue
             res = _stream(subject, subject.records[lo:hi], lo, specs, options, cfg, active, others, batch_size, bar)
             store.write(out, s, key, res)
-            done[s] = (key, res.images, 0)
+            done[s] = (res.images, 0)
     return done
 
 
@@ -1140,8 +1138,11 @@ class Thumb:
     caption: str
 
 
+FLAGGED_SHOWN = 6  # flagged.png's images
+
+
 def _most_telling(kept: list[Thumb], b: Batch, flag_rows: list[Any], classes: Sequence[str],
-                  k: int = 6) -> list[Thumb]:
+                  k: int = FLAGGED_SHOWN) -> list[Thumb]:
     """The `k` flagged images with the largest excess over chance so far, one per image (its most telling
     method)."""
     best: dict[str, Any] = {}

@@ -13,9 +13,7 @@ distributed audit gives the audit.json of an uninterrupted single-process run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -24,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from saliencylab.fsutil import _json_default, atomic_path, write_text
 
@@ -50,35 +47,6 @@ class ShardResult:
     thumbs: list[Any]
     unreadable: list[tuple[str, str]]
     images: int
-
-
-def digest(obj: Any) -> str:
-    """SHA-256 of a JSON-able description (keys sorted; anything else by its str())."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_digest(path: str | os.PathLike | None) -> str:
-    """SHA-256 of a file's bytes; '' for no file or an unreadable one (a record that reads as unreadable)."""
-    if not path:
-        return ""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    except OSError:
-        return ""
-    return h.hexdigest()
-
-
-def state_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of every tensor of a module's state (weights and buffers) with its name, dtype and shape."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def shard_path(out: Path, shard: int, suffix: str = ".json") -> Path:

@@ -43,6 +43,7 @@ from saliencylab import dist
 from saliencylab.data.images import LoadedImage, load_image, split_frame
 from saliencylab.errors import UserError
 from saliencylab.fsutil import _json_default, _remove_stale, atomic_path, write_json, write_npy, write_png, write_text
+from saliencylab.hashing import digest, update_with_file, update_with_state
 from saliencylab.methods import MethodSpec, resolve_target
 from saliencylab.models.registry import Classifier
 from saliencylab.ops import resize
@@ -115,10 +116,6 @@ def require_h5py() -> Any:
 # ----------------------------------------------------------------------------------------------- hashing
 
 
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def input_hash(source: str) -> str:
     """SHA-256 of the input file's bytes (a bundled sample's file for `sample:<name>`); '' when unreadable."""
     from saliencylab.data.images import _sample_path, split_frame
@@ -127,9 +124,7 @@ def input_hash(source: str) -> str:
         text, frame = split_frame(source)
         path = _sample_path(source.removeprefix("sample:")) if source.startswith("sample:") else Path(text)
         h = hashlib.sha256(b"" if frame is None else f"frame={frame}:".encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        update_with_file(h, path)
         return h.hexdigest()
     except (OSError, UserError):
         return ""
@@ -139,10 +134,7 @@ def model_hash(clf: Classifier) -> str:
     """SHA-256 of the model's metadata and every tensor of its state (weights and buffers)."""
     h = hashlib.sha256(json.dumps(clf.describe(), sort_keys=True, default=str).encode())
     h.update(json.dumps(list(clf.class_names)).encode())
-    for name, t in clf.module.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    update_with_state(h, clf.module)
     return h.hexdigest()
 
 
@@ -193,9 +185,9 @@ class Job:
         common = [self.model_hash, self.target, self.top, self.outputs, self.map_dtype, name, ihash,
                   *([] if self.precision == "fp32" else [self.precision])]
         if method is None:
-            return _sha(["skipped", *common])[:32]
+            return digest(["skipped", *common])[:32]
         draw = [self.display, self.overlay_side] if "png" in self.outputs else []
-        return _sha([*common, method, self.methods[method], draw, self.convergence])[:32]
+        return digest([*common, method, self.methods[method], draw, self.convergence])[:32]
 
 
 def manifest_path(out: Path, shard: int) -> Path:
